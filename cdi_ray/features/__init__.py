@@ -1,0 +1,16 @@
+"""Per-image membership features of CDI (METHOD.md step 2), plain PyTorch, no Ray.
+
+    from cdi_ray.features import FeatureConfig, FeatureExtractor
+    ext = FeatureExtractor(model, FeatureConfig(features="white-box", seed=0, device="cuda"))
+    cols = ext(images, metas)          # {"dl": array(B,), …, "no_delta_norm": array(B,)}
+
+Modules: one per feature family (``dl``, ``secmi``, ``pia`` (PIA + PIAN), ``gm``, ``ml``,
+``no``), ``registry`` (names, presets), ``config`` (``FeatureConfig``), ``context`` (shared,
+memoised evaluations and pass counts), ``lbfgs`` (per-sample batched L-BFGS), ``extractor``,
+``extract`` (folder → Parquet).
+"""
+from cdi_ray.features.config import FeatureConfig
+from cdi_ray.features.extractor import FeatureExtractor
+from cdi_ray.features.registry import FEATURES, PRESETS, get_feature_class, resolve_preset
+
+__all__ = ["FEATURES", "PRESETS", "FeatureConfig", "FeatureExtractor", "get_feature_class", "resolve_preset"]
