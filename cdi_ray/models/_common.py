@@ -101,6 +101,11 @@ def load_component(cls, root: Path, sub: str, *, dtype: torch.dtype, layout: str
             low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
         )
     except Exception as exc:  # noqa: BLE001 — anything diffusers/torch/safetensors raises
+        text = str(exc)
+        if "size mismatch" in text:  # torch's load_state_dict report: name the first offending tensor
+            detail = next(line.strip() for line in text.splitlines() if "size mismatch" in line)
+            raise load_error(root, f"the weights in '{sub}/' do not match its config.json ({detail})",
+                             f"re-save '{sub}/' so that config.json and the weights come from the same model") from None
         raise load_error(root, f"the weights in '{sub}/' do not load ({first_line(exc)})",
                          f"check that '{sub}/' holds the config and weights saved together by `save_pretrained`") from None
     finally:
@@ -251,11 +256,14 @@ def class_labels(metas: list[ImageMeta], *, num_classes: int, missing_label: Mis
     return torch.tensor(labels, dtype=torch.long, device=device)
 
 
-def check_missing_label(missing_label: str, null_class: int | None, root: Path | str) -> None:
+def check_missing_label(missing_label: str, null_class: int | None, num_embeddings: int) -> None:
+    """Validate the ``missing_label`` option against the model's class table (``num_embeddings`` rows)."""
     if missing_label not in ("error", "null"):
         raise ValueError(f"missing_label must be 'error' or 'null', got {missing_label!r}")
+    if null_class is not None and not 0 <= int(null_class) < num_embeddings:
+        raise ValueError(f"null_class={null_class} is outside the model's class table [0, {num_embeddings - 1}]")
     if missing_label == "null" and null_class is None:
-        raise ValueError(f"missing_label='null' needs a null class, and the model at '{root}' has none; "
+        raise ValueError("missing_label='null' needs a null class, and this model has none; "
                          "pass null_class=<index> if the model was trained with one, or give every image a label")
 
 

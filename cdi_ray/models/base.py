@@ -40,6 +40,10 @@ class DiffusionModel(ABC):
         alphas_cumprod (`Tensor` of shape (T,)): the training schedule's ᾱ_t, float64 on CPU.
         conditioning_kind (`str`): ``"none"``, ``"class"`` or ``"text"``.
         device (`torch.device`).
+        num_classes (`int` or `None`): size of the label space of class-conditional models
+            (valid labels ``0 … num_classes-1``), else None.
+        null_class (`int` or `None`): the "no class" label (DiT: ``num_classes``), if the model has one.
+        source (`str`): where the model was loaded from (for messages).
     """
 
     family: str
@@ -51,6 +55,9 @@ class DiffusionModel(ABC):
     conditioning_kind: ConditioningKind
     device: torch.device
     dtype: torch.dtype = torch.float32
+    num_classes: int | None = None
+    null_class: int | None = None
+    source: str = "<memory>"
 
     @property
     def num_train_timesteps(self) -> int:

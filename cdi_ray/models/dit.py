@@ -71,7 +71,7 @@ class DiT(DiffusionModel):
         # The null row exists when the model was built with label dropout (always, for DiT).
         self.null_class = self.num_classes if table.num_embeddings > self.num_classes else None
         self.conditioning_kind = "class"
-        C.check_missing_label(missing_label, self.null_class, source)
+        C.check_missing_label(missing_label, self.null_class, table.num_embeddings)
         self.missing_label = missing_label
         self.class_names = {int(k): str(v) for k, v in (id2label or {}).items()}
         self.fingerprint = fingerprint
@@ -113,7 +113,7 @@ class DiT(DiffusionModel):
         except ModelLoadError:
             raise
         except ValueError as exc:
-            raise C.load_error(root, str(exc), "use a supported model, or change the load options") from None
+            raise C.load_error(root, str(exc), "change the load options, or use a model this adapter supports") from None
 
     # -- the interface -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:

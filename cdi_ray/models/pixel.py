@@ -59,7 +59,7 @@ class PixelDDPM(DiffusionModel):
         self.conditioning_kind = "class" if self.num_classes else "none"
         self.null_class = null_class
         if self.num_classes:
-            C.check_missing_label(missing_label, null_class, source)
+            C.check_missing_label(missing_label, null_class, self.num_classes)
         self.missing_label = missing_label
         self.fingerprint = fingerprint
         self.source = source
@@ -91,7 +91,7 @@ class PixelDDPM(DiffusionModel):
         except ModelLoadError:
             raise
         except ValueError as exc:
-            raise C.load_error(root, str(exc), "use a supported model, or change the load options") from None
+            raise C.load_error(root, str(exc), "change the load options, or use a model this adapter supports") from None
 
     # -- the interface -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
