@@ -76,6 +76,8 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
     Raises:
         ImageError: empty, not an image, truncated/corrupt, or larger than ``max_pixels``.
     """
+    if mode not in (None, "L", "RGB"):
+        raise ValueError(f"mode must be 'L', 'RGB' or None, got {mode!r}")
     # 1. cheap refusals
     if data is None or len(data) == 0:
         raise ImageError(name, "the file is empty (0 bytes); re-download or remove it from the collection")
@@ -121,8 +123,6 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
         raise ImageError(name, f"cannot convert mode {img.mode!r} to L or RGB ({type(exc).__name__}: {exc}); "
                                "re-encode the file as 8-bit RGB") from None
     if mode is not None and out.mode != mode:
-        if mode not in ("L", "RGB"):
-            raise ValueError(f"mode must be 'L', 'RGB' or None, got {mode!r}")
         out = out.convert(mode)
     return out
 

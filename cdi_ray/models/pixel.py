@@ -95,9 +95,10 @@ class PixelDDPM(DiffusionModel):
 
     # -- the interface -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Identity: ``z = x``. ``images`` ``(B, C, H, W)`` in [-1, 1]; returns float32 on the model's device."""
+        """Identity: ``z = x``. ``images`` ``(B, C, H, W)`` in [-1, 1]; returns a float32 copy on the model's
+        device (a copy, so a feature editing ``z`` in place never edits the caller's images)."""
         C.check_images(images, self.image_channels, self.image_size)
-        return images.to(self.device, torch.float32)
+        return images.detach().to(self.device, torch.float32, copy=True)
 
     def conditioning(self, metas: list[ImageMeta], generators: list[torch.Generator] | None = None) -> torch.Tensor | None:
         """LongTensor (B,) of class labels for a class-conditional UNet, else None."""
