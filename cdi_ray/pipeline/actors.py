@@ -1,0 +1,318 @@
+"""The Ray Data stages of the feature stream, and the one thin actor adapter.
+
+Stream per model (``run.py`` wires it)::
+
+    rows {uri, content_hash, cfgs}
+      ── map_batches(decode_batch)            CPU tasks: read bytes, check hash, decode, preprocess
+      ── map_batches(FeatureActor, compute=ActorPoolStrategy(min, max), num_gpus=…)
+      ── map_batches(write_batch)             CPU tasks: one atomic part file per batch and config
+      ── summary rows {content_hash, cfg, status, error, actor}   (the driver only counts these)
+
+:class:`FeatureStage` is Ray-free (NeMo Curator's stage shape: ``setup`` loads the model once,
+``process`` maps a column batch to feature rows) and is unit-testable alone;
+:class:`FeatureActor` adapts it to ``map_batches`` and checks that output rows map one-to-one
+onto (input row, config) pairs by content hash. Images are decoded and preprocessed in CPU
+tasks, not in the actor, so GPU actors only run the model.
+
+Row statuses: ``ok``; ``error`` — a property of the bytes (undecodable, too small…), stored so
+re-runs do not retry it; ``transient`` — could not read or the object changed since planning,
+never stored (the next run retries it).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cdi_ray import storage
+
+log = logging.getLogger(__name__)
+
+STATUS_OK, STATUS_ERROR, STATUS_TRANSIENT = "ok", "error", "transient"
+
+#: Columns every decoded batch carries into the feature actor.
+DECODED_COLUMNS = ("content_hash", "cfgs", "image", "status", "error")
+
+#: Output schema of the feature actor; features travel as one list column because batches of
+#: different configs have different widths (14 gray-box, 26 white-box columns).
+FEATURE_SCHEMA = pa.schema([
+    ("content_hash", pa.string()),
+    ("cfg", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("features", pa.list_(pa.float64())),
+    ("actor", pa.string()),
+])
+
+SUMMARY_SCHEMA = pa.schema([
+    ("content_hash", pa.string()),
+    ("cfg", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("actor", pa.string()),
+])
+
+
+# ----------------------------------------------------------------------------------------------
+# model location
+# ----------------------------------------------------------------------------------------------
+def cache_root() -> str:
+    """Node-local cache for models fetched from S3 (``CDI_RAY_CACHE`` or ``~/.cache/cdi-ray``)."""
+    return os.path.join(os.environ.get("CDI_RAY_CACHE", os.path.expanduser("~/.cache/cdi-ray")), "models")
+
+
+def materialize_model(uri: str) -> str:
+    """A local directory holding the model at ``uri`` (downloaded once per node for ``s3://``).
+
+    The cache entry is named by the URI and the objects' ETags, so a re-uploaded model is fetched
+    again. Concurrent actors on one node take a file lock; the download lands in a temp folder
+    that is renamed into place, so a crash never leaves a half model that looks complete.
+    """
+    if not storage.is_remote(uri):
+        return storage.local_path(uri)
+    entries = list(storage.iter_files(uri))
+    if not entries:
+        raise FileNotFoundError(f"no files under model prefix {uri}")
+    ident = hashlib.sha256("\n".join([uri] + [f"{e.uri}\0{e.size}\0{e.version}" for e in entries]).encode())
+    root = cache_root()
+    dest = os.path.join(root, ident.hexdigest()[:32])
+    if os.path.isdir(dest):
+        return dest
+    os.makedirs(root, exist_ok=True)
+    with open(dest + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(dest):
+            return dest
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        prefix = uri.rstrip("/") + "/"
+        try:
+            for e in entries:
+                rel = e.uri[len(prefix):] if e.uri.startswith(prefix) else storage.basename(e.uri)
+                path = os.path.join(tmp, *rel.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(storage.read_bytes(e.uri))
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def describe_model(uri: str, store_root: str, load_options: dict | None = None) -> dict:
+    """Fingerprint and preprocessing geometry of a model (``{fingerprint, image_size, image_channels, family}``).
+
+    The geometry is cached in the feature store by fingerprint, so the model is loaded at most
+    once ever for this; the fingerprint itself is a hash of the weights (seconds per GB).
+    """
+    from cdi_ray.models.fingerprint import model_fingerprint
+    from cdi_ray.pipeline.store import FeatureStore
+
+    path = materialize_model(uri)
+    fp = model_fingerprint(path)
+    store = FeatureStore(store_root)
+    info = store.model_info(fp)
+    if info is None:
+        from cdi_ray.models.loader import load_model
+
+        model = load_model(path, device="cpu", **(load_options or {}))
+        info = {"image_size": int(model.image_size), "image_channels": int(model.image_channels), "family": model.family}
+        try:
+            store.put_model_info(fp, info)
+        except OSError as exc:  # a read-only store still works, just slower next time
+            log.warning("cannot cache model info in %s: %s", store_root, exc)
+    return {"fingerprint": fp, **info}
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: read, check, decode, preprocess (CPU tasks)
+# ----------------------------------------------------------------------------------------------
+def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int) -> dict[str, np.ndarray]:
+    """``{uri, content_hash, cfgs}`` → ``{content_hash, cfgs, image (B,C,size,size) float32, status, error}``.
+
+    The bytes are re-hashed: an object rewritten since planning must not be stored under the
+    old hash (status ``transient``; the next run sees the new hash).
+    """
+    from cdi_ray.images import ImageError, content_hash, decode_image, preprocess
+
+    n = len(batch["uri"])
+    images = np.zeros((n, channels, size, size), dtype=np.float32)
+    status = np.full(n, STATUS_OK, dtype=object)
+    errors = np.full(n, "", dtype=object)
+    for i, (uri, expected) in enumerate(zip(batch["uri"], batch["content_hash"])):
+        try:
+            data = storage.read_bytes(str(uri))
+        except Exception as exc:  # noqa: BLE001 — any read failure is retried next run
+            status[i], errors[i] = STATUS_TRANSIENT, f"unreadable: {type(exc).__name__}: {exc}"
+            continue
+        if content_hash(data) != expected:
+            status[i], errors[i] = STATUS_TRANSIENT, "changed_since_planning: the object's bytes changed during the run"
+            continue
+        try:
+            img = decode_image(data, name=str(uri))
+            images[i] = preprocess(img, size=size, channels=channels)
+        except ImageError as exc:
+            status[i], errors[i] = STATUS_ERROR, str(exc)
+        except Exception as exc:  # noqa: BLE001 — a decoder crash is a property of these bytes
+            status[i], errors[i] = STATUS_ERROR, f"undecodable: {type(exc).__name__}: {exc}"
+    return {
+        "content_hash": np.asarray(batch["content_hash"], dtype=object),
+        "cfgs": np.asarray(batch["cfgs"], dtype=object),
+        "image": images,
+        "status": status,
+        "error": errors,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2: features (the model, once per actor)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class FeatureStage:
+    """Load one model once, then compute feature rows for batches under one or more configs.
+
+    Args:
+        model_uri (`str`): local folder or ``s3://`` prefix of the model.
+        fingerprint (`str`): the fingerprint planned with; loading anything else is an error.
+        configs (`dict[str, dict]`): store key → ``FeatureConfig`` keyword arguments.
+        device (`str`): ``"cpu"`` or ``"cuda"``.
+        dtype (`str`): weight dtype for ``load_model``.
+        load_options (`dict`): family options for ``load_model`` (e.g. ``missing_label``).
+    """
+
+    model_uri: str
+    fingerprint: str
+    configs: dict[str, dict]
+    device: str = "cpu"
+    dtype: str = "float32"
+    load_options: dict = field(default_factory=dict)
+
+    def setup(self) -> None:
+        from cdi_ray.features.config import FeatureConfig
+        from cdi_ray.features.extractor import FeatureExtractor
+        from cdi_ray.models.loader import load_model
+
+        path = materialize_model(self.model_uri)
+        self.model = load_model(path, device=self.device, dtype=self.dtype, **self.load_options)
+        if self.model.fingerprint != self.fingerprint:
+            raise RuntimeError(
+                f"model {self.model_uri} changed during the run (fingerprint {self.model.fingerprint[:12]}… "
+                f"≠ planned {self.fingerprint[:12]}…); re-run the audit"
+            )
+        self.extractors = {
+            key: FeatureExtractor(self.model, FeatureConfig(**kwargs, device=self.device))
+            for key, kwargs in self.configs.items()
+        }
+
+    def process(self, batch: dict[str, np.ndarray]) -> list[tuple[str, str, str, str, list[float] | None]]:
+        """Rows ``(content_hash, store key, status, error, features)`` — one per (image, config)."""
+        import torch
+
+        from cdi_ray.models.base import ImageMeta
+
+        hashes = [str(h) for h in batch["content_hash"]]
+        cfgs = [str(c).split(",") for c in batch["cfgs"]]
+        status = [str(s) for s in batch["status"]]
+        errors = [str(e) for e in batch["error"]]
+        out = []
+        for key, extractor in self.extractors.items():
+            rows = [i for i in range(len(hashes)) if key in cfgs[i]]
+            good = [i for i in rows if status[i] == STATUS_OK]
+            if good:
+                images = torch.as_tensor(np.ascontiguousarray(batch["image"][good]), dtype=torch.float32)
+                values = extractor(images, [ImageMeta(content_hash=hashes[i]) for i in good])
+                matrix = np.stack([np.asarray(values[c], dtype=np.float64) for c in extractor.columns], axis=1)
+                feats = dict(zip(good, matrix.tolist()))
+            else:
+                feats = {}
+            for i in rows:
+                if i in feats:
+                    out.append((hashes[i], key, STATUS_OK, None, feats[i]))
+                else:
+                    out.append((hashes[i], key, status[i], errors[i] or "failed", None))
+        return out
+
+    def columns(self) -> dict[str, list[str]]:
+        return {key: list(ex.columns) for key, ex in self.extractors.items()}
+
+
+class FeatureActor:
+    """``map_batches`` adapter: ``FeatureStage`` loaded in ``__init__``, one call per batch.
+
+    Every output row is tagged with this actor's id; the number of ``ok`` rows is the number of
+    feature computations (what the de-duplication tests count).
+    """
+
+    def __init__(self, **stage_kwargs: Any):
+        self.stage = FeatureStage(**stage_kwargs)
+        self.stage.setup()
+        try:
+            import ray
+
+            self.actor_id = ray.get_runtime_context().get_actor_id() or f"local-{os.getpid()}"
+        except Exception:  # noqa: BLE001 — used outside Ray in unit tests
+            self.actor_id = f"local-{os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        missing = [c for c in DECODED_COLUMNS if c not in batch]
+        if missing:
+            raise KeyError(f"FeatureActor needs columns {list(DECODED_COLUMNS)}; missing {missing}")
+        rows = self.stage.process(batch)
+        # One-to-one: every (input hash, requested config) exactly once, nothing else.
+        expected = sorted((str(h), k) for h, cs in zip(batch["content_hash"], batch["cfgs"]) for k in str(cs).split(","))
+        got = sorted((r[0], r[1]) for r in rows)
+        if got != expected:
+            raise RuntimeError(f"feature rows do not map one-to-one onto inputs ({len(got)} rows for {len(expected)} expected)")
+        cols = list(zip(*rows)) if rows else [[]] * 5
+        return pa.table(
+            [pa.array(cols[0], pa.string()), pa.array(cols[1], pa.string()), pa.array(cols[2], pa.string()),
+             pa.array(cols[3], pa.string()), pa.array(cols[4], pa.list_(pa.float64())),
+             pa.array([self.actor_id] * len(rows), pa.string())],
+            schema=FEATURE_SCHEMA,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 3: publish to the store (CPU tasks)
+# ----------------------------------------------------------------------------------------------
+def write_batch(table: pa.Table, *, store_root: str, fingerprint: str, columns: dict[str, list[str]]) -> pa.Table:
+    """Write the batch's ``ok`` and ``error`` rows as one part file per config; return the summary.
+
+    ``transient`` rows are not stored (the next run retries them).
+    """
+    from cdi_ray.pipeline.store import FeatureStore
+
+    store = FeatureStore(store_root)
+    keys = table.column("cfg").to_pylist()
+    status = table.column("status").to_pylist()
+    for key in sorted(set(keys)):
+        idx = [i for i, (k, s) in enumerate(zip(keys, status)) if k == key and s != STATUS_TRANSIENT]
+        if not idx:
+            continue
+        sub = table.take(pa.array(idx, pa.int64()))
+        names = columns[key]
+        feats = sub.column("features").to_pylist()
+        matrix = np.array([f if f is not None else [np.nan] * len(names) for f in feats], dtype=np.float64).reshape(len(idx), len(names))
+        arrays = {
+            "content_hash": sub.column("content_hash"),
+            "model_fingerprint": pa.array([fingerprint] * len(idx), pa.string()),
+            "config_hash": pa.array([key] * len(idx), pa.string()),
+            "status": sub.column("status"),
+            "error": sub.column("error"),
+        }
+        for j, name in enumerate(names):
+            arrays[name] = pa.array(matrix[:, j], pa.float64())
+        store.write(fingerprint, key, pa.table(arrays))
+    return table.select(["content_hash", "cfg", "status", "error", "actor"]).cast(SUMMARY_SCHEMA)
+
+
+def columns_json(columns: dict[str, list[str]]) -> str:
+    return json.dumps(columns, sort_keys=True)

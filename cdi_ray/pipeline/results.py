@@ -1,0 +1,238 @@
+"""Batch results: FDR across the batch, verdicts, ``results.json`` / ``results.parquet``.
+
+Files under the output location:
+
+* ``results.json`` — ``{"schema", "manifest_hash", "fdr", "summary", "audits": [...], "run": {...}}``;
+  one entry per audit in manifest order. Everything but ``run`` (timings, compute counters) is a
+  pure function of the manifest and the stored features, so a re-run writes identical entries.
+* ``results.parquet`` — the same entries, one row each, scalars only.
+* ``images.parquet`` — every image an audit could not use: ``audit_id, set, uri, content_hash, reason``.
+
+Each entry: ``audit_id, model, model_fingerprint, feature_key, status`` (done / failed),
+``verdict`` (used / not_detected / inconclusive — a failed audit is inconclusive, with the failure
+as its reason), ``verdict_reason, p_value, p_adjusted, fdr_reject, n_published, n_unpublished,
+statistic, effect_size, auc, direction, procedure, calibrated, alpha, seed, error,
+n_unusable, unusable_images``.
+
+The FDR adjustment runs over the audits that produced a p-value (failed audits are excluded);
+with ``fdr.method: none`` each audit is judged at its own alpha.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cdi_ray import storage
+
+SCHEMA = "cdi-ray/results/v1"
+RESULTS_JSON, RESULTS_PARQUET, IMAGES_PARQUET = "results.json", "results.parquet", "images.parquet"
+DIFF_JSON, DIFF_MD = "diff.json", "diff.md"
+
+#: Columns of results.parquet, in order (the JSON entries carry these plus ``unusable_images``).
+ENTRY_COLUMNS = {
+    "audit_id": pa.string(), "model": pa.string(), "model_fingerprint": pa.string(), "feature_key": pa.string(),
+    "status": pa.string(), "verdict": pa.string(), "verdict_reason": pa.string(),
+    "p_value": pa.float64(), "p_adjusted": pa.float64(), "fdr_reject": pa.bool_(),
+    "n_published": pa.int64(), "n_unpublished": pa.int64(),
+    "statistic": pa.float64(), "effect_size": pa.float64(), "auc": pa.float64(), "direction": pa.string(),
+    "procedure": pa.string(), "calibrated": pa.bool_(), "alpha": pa.float64(), "seed": pa.int64(),
+    "error": pa.string(), "n_unusable": pa.int64(),
+}
+IMAGE_COLUMNS = {"audit_id": pa.string(), "set": pa.string(), "uri": pa.string(), "content_hash": pa.string(), "reason": pa.string()}
+
+_FDR = {"bh": "benjamini_hochberg", "by": "benjamini_yekutieli", "bonferroni": "bonferroni"}
+
+
+def _num(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class BatchResult:
+    """What ``run_manifest`` returns: the entries written, where, and what was computed."""
+
+    output: str
+    audits: list[dict]
+    summary: dict
+    fdr: dict
+    run: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every audit is done, 3 when some failed (the others were still written)."""
+        return 0 if all(a["status"] == "done" for a in self.audits) else 3
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "fdr": self.fdr, "summary": self.summary, "audits": self.audits, "run": self.run}
+
+
+def adjust(pvalues: list[float | None], method: str, q: float) -> tuple[list[float | None], list[bool]]:
+    """FDR-adjusted p-values and decisions (None / False where the audit has no p-value)."""
+    if method == "none":
+        return [None] * len(pvalues), [False] * len(pvalues)
+    from cdi_ray import stats
+
+    res = getattr(stats, _FDR[method])(
+        [float("nan") if p is None else p for p in pvalues], q
+    )
+    return [_num(a) for a in res.adjusted], [bool(r) for r in res.reject]
+
+
+def build_entries(outcomes: list[dict], *, fdr_method: str, q: float) -> tuple[list[dict], dict]:
+    """Verdicts after the batch's FDR adjustment.
+
+    Args:
+        outcomes: per audit, in manifest order: ``audit_id, model, model_fingerprint, feature_key,
+            status, result (TestResult | None), n_published, n_unpublished, error, unusable, alpha,
+            seed, procedure, min_samples``.
+    """
+    from cdi_ray.stats import verdict
+
+    pvalues = [_num(o["result"].pvalue) if o["status"] == "done" and o["result"] is not None else None for o in outcomes]
+    adjusted, reject = adjust(pvalues, fdr_method, q)
+    entries = []
+    for o, p, p_adj, rej in zip(outcomes, pvalues, adjusted, reject):
+        r = o["result"] if o["status"] == "done" else None
+        if r is not None:
+            kwargs: dict[str, Any] = {}
+            if o.get("min_samples") is not None:
+                kwargs["min_samples"] = o["min_samples"]
+            if fdr_method == "none":
+                v = verdict(r, alpha=o["alpha"], **kwargs)
+            else:
+                v = verdict(r, alpha=q, p_adjusted=1.0 if p_adj is None else p_adj, **kwargs)
+            label, reason = v.label, v.reason
+        else:
+            label, reason = "inconclusive", f"The audit failed and was not tested: {o['error']}"
+        unusable = o.get("unusable") or []
+        entries.append({
+            "audit_id": o["audit_id"],
+            "model": o["model"],
+            "model_fingerprint": o.get("model_fingerprint"),
+            "feature_key": o.get("feature_key"),
+            "status": o["status"],
+            "verdict": label,
+            "verdict_reason": reason,
+            "p_value": p,
+            "p_adjusted": p_adj,
+            "fdr_reject": rej,
+            "n_published": int(o.get("n_published") or 0),
+            "n_unpublished": int(o.get("n_unpublished") or 0),
+            "statistic": _num(r.statistic) if r is not None else None,
+            "effect_size": _num(r.effect_size) if r is not None else None,
+            "auc": _num(getattr(r, "auc", None)) if r is not None else None,
+            "direction": r.direction if r is not None else None,
+            "procedure": o.get("procedure"),
+            "calibrated": bool(r.calibrated) if r is not None else None,
+            "alpha": float(o["alpha"]),
+            "seed": int(o["seed"]),
+            "error": o.get("error"),
+            "n_unusable": len(unusable),
+            "unusable_images": unusable,
+        })
+    fdr = {"method": fdr_method, "q": q, "n_tested": sum(p is not None for p in pvalues)}
+    return entries, fdr
+
+
+def summarize(entries: list[dict]) -> dict:
+    out = {"audits": len(entries), "done": 0, "failed": 0, "used": 0, "not_detected": 0, "inconclusive": 0}
+    for e in entries:
+        out[e["status"]] += 1
+        out[e["verdict"]] += 1
+    return out
+
+
+def _parquet(rows: list[dict], schema: dict[str, pa.DataType]) -> bytes:
+    table = pa.table({k: pa.array([r.get(k) for r in rows], t) for k, t in schema.items()})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def write_results(batch: BatchResult) -> None:
+    """``results.json``, ``results.parquet`` and ``images.parquet`` under ``batch.output`` (each atomic).
+
+    The JSON goes last: its presence marks a complete set.
+    """
+    images = [{"audit_id": a["audit_id"], **img} for a in batch.audits for img in a["unusable_images"]]
+    storage.atomic_write_bytes(storage.join(batch.output, RESULTS_PARQUET), _parquet(batch.audits, ENTRY_COLUMNS))
+    storage.atomic_write_bytes(storage.join(batch.output, IMAGES_PARQUET), _parquet(images, IMAGE_COLUMNS))
+    text = json.dumps(batch.to_dict(), indent=2, sort_keys=False, allow_nan=False)
+    storage.atomic_write_bytes(storage.join(batch.output, RESULTS_JSON), text.encode())
+
+
+def read_results(output: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(output, RESULTS_JSON)))
+
+
+# ----------------------------------------------------------------------------------------------
+# nightly diff
+# ----------------------------------------------------------------------------------------------
+_TRACKED = ("status", "verdict", "p_value", "p_adjusted", "n_published", "n_unpublished")
+
+
+def diff_results(previous: dict | None, current: dict) -> dict:
+    """What changed since the previous night: new / removed audits, changed verdicts, new ``used``.
+
+    ``new_used`` lists audits whose verdict is ``used`` now and was not ``used`` before (or that
+    did not exist before) — the ones a person should look at first.
+    """
+    prev = {a["audit_id"]: a for a in (previous or {}).get("audits", [])}
+    cur = {a["audit_id"]: a for a in current["audits"]}
+    changed = []
+    for aid, a in cur.items():
+        b = prev.get(aid)
+        if b is None:
+            continue
+        delta = {k: {"before": b.get(k), "after": a.get(k)} for k in _TRACKED if b.get(k) != a.get(k)}
+        if delta:
+            changed.append({"audit_id": aid, **delta})
+    new_used = [
+        {"audit_id": aid, "model": a["model"], "p_value": a["p_value"], "p_adjusted": a["p_adjusted"],
+         "before": prev[aid]["verdict"] if aid in prev else None}
+        for aid, a in cur.items()
+        if a["verdict"] == "used" and (aid not in prev or prev[aid].get("verdict") != "used")
+    ]
+    return {
+        "previous": (previous or {}).get("run", {}).get("output"),
+        "current": current.get("run", {}).get("output"),
+        "new_audits": sorted(set(cur) - set(prev)),
+        "removed_audits": sorted(set(prev) - set(cur)),
+        "changed": changed,
+        "new_used": new_used,
+    }
+
+
+def diff_markdown(diff: dict) -> str:
+    lines = ["# cdi-ray nightly diff", ""]
+    lines.append(f"previous: {diff['previous'] or '(none)'}  ")
+    lines.append(f"current: {diff['current']}")
+    lines.append("")
+    if diff["new_used"]:
+        lines.append(f"## ⚠ NEW `used` verdicts ({len(diff['new_used'])})")
+        lines.append("")
+        for u in diff["new_used"]:
+            lines.append(f"- **{u['audit_id']}** on `{u['model']}` — p={u['p_value']}, p_adj={u['p_adjusted']} "
+                         f"(before: {u['before'] or 'new audit'})")
+        lines.append("")
+    else:
+        lines += ["No new `used` verdicts.", ""]
+    for title, key in (("New audits", "new_audits"), ("Removed audits", "removed_audits")):
+        if diff[key]:
+            lines += [f"## {title} ({len(diff[key])})", ""] + [f"- {a}" for a in diff[key]] + [""]
+    if diff["changed"]:
+        lines += [f"## Changed ({len(diff['changed'])})", ""]
+        for c in diff["changed"]:
+            parts = [f"{k}: {v['before']} → {v['after']}" for k, v in c.items() if k != "audit_id"]
+            lines.append(f"- {c['audit_id']}: " + "; ".join(parts))
+        lines.append("")
+    return "\n".join(lines)

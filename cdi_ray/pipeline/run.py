@@ -1,0 +1,398 @@
+"""``run_manifest``: a whole batch of audits, from manifest to results files.
+
+Steps (each logged with its counts):
+
+1. **list** every audit's sources (threads; failures fail only their audits);
+2. **describe** each model used: fingerprint and preprocessing geometry (an ``s3://`` model in a
+   Ray task, so it is fetched on a worker where the actors will find it, not on the head);
+3. **hash** every distinct image URI not in the store's hash index (Ray Data, CPU tasks);
+4. **plan**: per model and feature config, the content hashes the audits need minus those the
+   store holds (:mod:`cdi_ray.pipeline.plan`);
+5. **compute** per model: one Ray Data stream read → decode → ``FeatureActor`` pool → store
+   (:mod:`cdi_ray.pipeline.actors`); streams run one model after another, each with its own
+   autoscaling actor pool, so a cluster's GPUs are never split between two models' pools;
+6. **aggregate**: audit groups (one store partition each) on aggregator actors
+   (:mod:`cdi_ray.pipeline.aggregate`);
+7. **results**: FDR across the batch, verdicts, files (:mod:`cdi_ray.pipeline.results`).
+
+The driver holds URIs, hashes and per-audit outcomes — never images or feature matrices — so
+its memory grows with the number of URIs, not with pixels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from cdi_ray import storage
+from cdi_ray.pipeline import plan as planning
+from cdi_ray.pipeline.actors import (FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT, decode_batch,
+                                     describe_model, write_batch)
+from cdi_ray.pipeline.aggregate import AuditAggregator, AuditJob, AuditOutcome, ImageRef
+from cdi_ray.pipeline.results import BatchResult, build_entries, summarize, write_results
+from cdi_ray.pipeline.store import FeatureStore
+from cdi_ray.spec import Manifest
+
+log = logging.getLogger(__name__)
+
+#: Images per hashing / decoding task call: big enough to amortise task overhead, small enough
+#: that a block of decoded 512×512×3 float32 images stays ~200 MB.
+HASH_BATCH = 256
+DECODE_BATCH = 64
+#: Rows per feature-store part file (features are ~26 floats a row: 4096 rows ≈ 1 MB).
+WRITE_BATCH = 4096
+#: Rows per input block of the streams (more blocks → more parallel tasks).
+ROWS_PER_BLOCK = 256
+#: Aggregator actors at most; each holds one store partition's needed rows at a time.
+MAX_AGGREGATORS = 4
+#: Local Ray (no cluster address): a few logical CPUs more than this box has physical cores,
+#: because a read → decode → actor → write stream deadlocks on 2 logical CPUs.
+LOCAL_NUM_CPUS = 8
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` / ``$RAY_ADDRESS`` if set (``ray job submit`` sets it), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False)
+
+
+def _blocks(n: int) -> int:
+    return max(1, min(200, -(-n // ROWS_PER_BLOCK)))
+
+
+# ----------------------------------------------------------------------------------------------
+# step 2: models
+# ----------------------------------------------------------------------------------------------
+def describe_models(models: dict, store_root: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """``(name → {fingerprint, image_size, image_channels, family}, name → error)``.
+
+    ``s3://`` models are described by a Ray task, so the download lands on a worker node (where
+    the actors will find it in the node cache), not on the head; local paths are described in
+    the driver (a local path must be readable from every node anyway — a shared filesystem — and
+    this saves a worker start-up per model).
+    """
+    import ray
+
+    describe = ray.remote(num_cpus=1, max_retries=2)(describe_model)
+    pending = {name: describe.remote(spec.uri, store_root, dict(spec.options))
+               for name, spec in models.items() if storage.is_remote(spec.uri)}
+    infos: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    for name, spec in models.items():
+        try:
+            if name in pending:
+                infos[name] = ray.get(pending[name])
+            else:
+                infos[name] = describe_model(spec.uri, store_root, dict(spec.options))
+        except Exception as exc:  # noqa: BLE001 — fails the audits on this model only
+            cause = getattr(exc, "cause", None) or exc
+            errors[name] = f"model {name!r} ({spec.uri}) cannot be used: {type(cause).__name__}: {cause}"
+    return infos, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# step 3: hashing
+# ----------------------------------------------------------------------------------------------
+def _hash_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from cdi_ray.images import content_hash
+
+    n = len(batch["uri"])
+    hashes = np.full(n, "", dtype=object)
+    errors = np.full(n, "", dtype=object)
+    sizes = np.asarray(batch["size"], dtype=np.int64).copy()
+    for i, uri in enumerate(batch["uri"]):
+        try:
+            data = storage.read_bytes(str(uri))
+            hashes[i], sizes[i] = content_hash(data), len(data)
+        except FileNotFoundError:
+            errors[i] = "missing: the file does not exist"
+        except Exception as exc:  # noqa: BLE001 — reported per image, retried next run
+            errors[i] = f"unreadable: {type(exc).__name__}: {exc}"
+    return {"uri": batch["uri"], "size": sizes, "version": batch["version"], "content_hash": hashes, "error": errors}
+
+
+def hash_entries(entries: list[storage.FileEntry]) -> tuple[dict[str, str], dict[str, str], list[dict]]:
+    """``(uri → hash, uri → error, index rows)`` for ``entries``, read by Ray Data tasks."""
+    import ray
+
+    if not entries:
+        return {}, {}, []
+    items = [{"uri": e.uri, "size": e.size, "version": e.version} for e in entries]
+    ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
+    ds = ds.map_batches(_hash_batch, batch_size=HASH_BATCH, batch_format="numpy")
+    hashes, errors, index_rows = {}, {}, []
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        for uri, size, version, h, err in zip(batch["uri"], batch["size"], batch["version"], batch["content_hash"], batch["error"]):
+            uri = str(uri)
+            if err:
+                errors[uri] = str(err)
+            else:
+                hashes[uri] = str(h)
+                index_rows.append({"uri": uri, "size": int(size), "version": str(version), "content_hash": str(h)})
+    return hashes, errors, index_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# step 5: features
+# ----------------------------------------------------------------------------------------------
+def compute_features(model_spec, info: dict, work: list[planning.ImageWork], configs: dict[str, dict],
+                     columns: dict[str, list[str]], store_root: str) -> dict:
+    """Run one model's stream over ``work``; returns counters (``computed`` = ok rows)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    items = [{"uri": w.uri, "content_hash": w.content_hash, "cfgs": ",".join(w.config_hashes)} for w in work]
+    needed_cfgs = sorted({k for w in work for k in w.config_hashes})
+    ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
+    # read, check, decode, preprocess: CPU tasks
+    ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy",
+                        fn_kwargs={"size": info["image_size"], "channels": info["image_channels"]})
+    # features: the model once per actor, the pool autoscaling between min and max replicas
+    ds = ds.map_batches(
+        FeatureActor,
+        batch_size=model_spec.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=model_spec.min_replicas, max_size=model_spec.max_replicas),
+        num_gpus=model_spec.num_gpus,
+        num_cpus=model_spec.num_cpus,
+        fn_constructor_kwargs={
+            "model_uri": model_spec.uri,
+            "fingerprint": info["fingerprint"],
+            "configs": {k: configs[k] for k in needed_cfgs},
+            "device": model_spec.resolved_device,
+            "dtype": model_spec.dtype,
+            "load_options": dict(model_spec.options),
+        },
+    )
+    # publish: CPU tasks, one atomic part file per batch and config
+    ds = ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="pyarrow",
+                        fn_kwargs={"store_root": store_root, "fingerprint": info["fingerprint"],
+                                   "columns": {k: columns[k] for k in needed_cfgs}})
+    counts = {"rows": 0, "computed": 0, "errors": 0, "transient": 0, "actors": set()}
+    transient: dict[str, str] = {}
+    for batch in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        status = batch.column("status").to_pylist()
+        counts["rows"] += len(status)
+        counts["computed"] += status.count(STATUS_OK)
+        counts["errors"] += status.count(STATUS_ERROR)
+        counts["transient"] += status.count(STATUS_TRANSIENT)
+        counts["actors"].update(batch.column("actor").to_pylist())
+        for h, s, e in zip(batch.column("content_hash").to_pylist(), status, batch.column("error").to_pylist()):
+            if s == STATUS_TRANSIENT:
+                transient[h] = e
+    counts["actors"] = sorted(counts["actors"])
+    counts["transient_errors"] = transient
+    return counts
+
+
+def _refs(files, uri_hash: dict[str, str], read_errors: dict[str, str], transient: dict[str, str]) -> tuple[ImageRef, ...]:
+    """An audit's images as (uri, hash, why it may be missing)."""
+    out = []
+    for e in files:
+        h = uri_hash.get(e.uri)
+        out.append(ImageRef(e.uri, h, read_errors.get(e.uri, "unreadable") if h is None else transient.get(h)))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole batch
+# ----------------------------------------------------------------------------------------------
+def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: str | None = None,
+                 rehash: bool = False, max_aggregators: int = MAX_AGGREGATORS, write: bool = True) -> BatchResult:
+    """Run every audit of ``manifest``; write results under ``out`` (default ``manifest.output``).
+
+    Args:
+        manifest (`Manifest`): a validated manifest (:func:`cdi_ray.spec.load_manifest`).
+        out (`str`, *optional*): output location overriding ``manifest.output``.
+        feature_store (`str`, *optional*): store location overriding the manifest's
+            (default ``<output>/features``).
+        rehash (`bool`, *optional*, defaults to False): ignore the store's URI → hash cache and
+            re-read every image (e.g. after objects were rewritten in place with the same size
+            and mtime).
+        max_aggregators (`int`, *optional*): most aggregator actors.
+        write (`bool`, *optional*, defaults to True): write the results files.
+
+    Returns:
+        :class:`BatchResult`; ``.exit_code`` is 0 if every audit is done, 3 if some failed.
+    """
+    import ray
+
+    t_start = time.time()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    output = out or manifest.output
+    store_root = feature_store or manifest.store_uri(output)
+    store = FeatureStore(store_root)
+    ensure_ray()
+    timings: dict[str, float] = {}
+    failures: dict[str, str] = {}  # audit id → reason it could not be run at all
+
+    def lap(name, t0):
+        timings[name] = round(time.time() - t0, 3)
+
+    # 1. list
+    t0 = time.time()
+    listings = planning.expand_sources(manifest.audits)
+    for aid, li in listings.items():
+        if li.error:
+            failures[aid] = li.error
+    lap("list", t0)
+
+    # 2. describe models
+    t0 = time.time()
+    used = sorted({a.model for a in manifest.audits if a.id not in failures})
+    infos, model_errors = describe_models({name: manifest.models[name] for name in used}, store_root)
+    for a in manifest.audits:
+        if a.id not in failures and a.model in model_errors:
+            failures[a.id] = model_errors[a.model]
+    lap("describe_models", t0)
+
+    # 3. hash
+    t0 = time.time()
+    live = [listings[a.id] for a in manifest.audits if a.id not in failures]
+    distinct = planning.distinct_entries(live)
+    index = {} if rehash else store.hash_index()
+    known, todo = planning.split_cached(distinct, index)
+    hashed, read_errors, index_rows = hash_entries(todo)
+    for e in distinct:
+        if e.size < 0:
+            read_errors[e.uri] = "missing: the file does not exist"
+    store.add_hashes(index_rows)
+    uri_hash = {**known, **hashed}
+    lap("hash", t0)
+    log.info("%d distinct image URIs: %d hashes from the index, %d read, %d unreadable",
+             len(distinct), len(known), len(hashed), len(read_errors))
+
+    # 4. plan
+    t0 = time.time()
+    configs: dict[str, dict] = {}
+    columns: dict[str, list[str]] = {}
+    audit_key: dict[str, str] = {}
+    needs: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for a in manifest.audits:
+        if a.id in failures:
+            continue
+        try:
+            cfg = planning.feature_config(manifest, a)
+            key = planning.store_key(cfg, manifest.models[a.model])
+        except Exception as exc:  # noqa: BLE001
+            failures[a.id] = f"invalid feature config: {exc}"
+            continue
+        configs[key] = cfg.model_dump(mode="json", exclude={"device"})
+        columns[key] = list(cfg.columns)
+        audit_key[a.id] = key
+        li = listings[a.id]
+        needs[a.model][key] |= {uri_hash[e.uri] for e in (*li.published, *li.unpublished) if e.uri in uri_hash}
+    representative: dict[str, str] = {}
+    for uri in sorted(uri_hash):
+        representative.setdefault(uri_hash[uri], uri)
+    fingerprints = {name: infos[name]["fingerprint"] for name in needs}
+    stored = {(fingerprints[name], key): store.keys(fingerprints[name], key) for name in needs for key in needs[name]}
+    work = planning.plan_work(needs, representative, stored, fingerprints)
+    needed_total = sum(len(h) for per in needs.values() for h in per.values())
+    lap("plan", t0)
+
+    # 5. compute
+    t0 = time.time()
+    compute: dict[str, dict] = {}
+    transient: dict[str, str] = {}
+    for name in sorted(work):
+        spec = manifest.models[name]
+        log.info("model %s: computing %d images", name, len(work[name]))
+        try:
+            counts = compute_features(spec, infos[name], work[name], configs, columns, store_root)
+        except Exception as exc:  # noqa: BLE001 — e.g. the model fails to load in the actor
+            cause = getattr(exc, "cause", None) or exc
+            reason = f"feature computation for model {name!r} failed: {type(cause).__name__}: {cause}"
+            log.error(reason)
+            for a in manifest.audits:
+                if a.model == name and a.id not in failures:
+                    failures[a.id] = reason
+            continue
+        transient.update(counts.pop("transient_errors"))
+        compute[name] = counts
+    lap("compute", t0)
+
+    # 6. aggregate
+    t0 = time.time()
+    outcomes: dict[str, AuditOutcome] = {}
+    groups: dict[tuple[str, str], list[AuditJob]] = defaultdict(list)
+    for a in manifest.audits:
+        if a.id in failures:
+            continue
+        li = listings[a.id]
+
+        job = AuditJob(a.id, _refs(li.published, uri_hash, read_errors, transient),
+                       _refs(li.unpublished, uri_hash, read_errors, transient),
+                       a.test.procedure, a.test.alpha, a.seed, dict(a.test.options))
+        groups[(fingerprints[a.model], audit_key[a.id])].append(job)
+    if groups:
+        n_actors = max(1, min(max_aggregators, len(groups)))
+        Aggregator = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(AuditAggregator)
+        actors = [Aggregator.remote(store_root) for _ in range(n_actors)]
+        order = sorted(groups, key=lambda g: -len(groups[g]))
+        pending = {actors[i % n_actors].run_group.remote(fp, key, columns[key], groups[(fp, key)]): (fp, key)
+                   for i, (fp, key) in enumerate(order)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            group = pending.pop(ready[0])
+            try:
+                for o in ray.get(ready[0]):
+                    outcomes[o.audit_id] = o
+            except Exception as exc:  # noqa: BLE001 — the group's audits fail, the others go on
+                for job in groups[group]:
+                    outcomes[job.audit_id] = AuditOutcome(job.audit_id, "failed", error=f"aggregator failed: {exc}")
+        for actor in actors:
+            ray.kill(actor)
+    lap("aggregate", t0)
+
+    # 7. results
+    rows = []
+    for a in manifest.audits:
+        o = outcomes.get(a.id) or AuditOutcome(a.id, "failed", error=failures.get(a.id, "not run"))
+        rows.append({
+            "audit_id": a.id, "model": a.model,
+            "model_fingerprint": infos.get(a.model, {}).get("fingerprint"),
+            "feature_key": audit_key.get(a.id),
+            "status": o.status, "result": o.result, "error": o.error,
+            "n_published": o.n_published, "n_unpublished": o.n_unpublished, "unusable": o.unusable,
+            "alpha": a.test.alpha, "seed": a.seed, "procedure": a.test.procedure, "min_samples": a.test.min_samples,
+        })
+    entries, fdr = build_entries(rows, fdr_method=manifest.fdr.method, q=manifest.fdr.q)
+    run = {
+        "run_id": uuid.uuid4().hex,
+        "output": output,
+        "feature_store": store_root,
+        "manifest_hash": manifest.content_hash(),
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - t_start, 3),
+        "timings": timings,
+        "images": {"listed": len(distinct), "hashed": len(hashed), "hash_index_hits": len(known),
+                   "unreadable": len(read_errors)},
+        "features": {
+            "needed": needed_total,
+            "to_compute": sum(len(w) for w in work.values()),
+            "computed": sum(c["computed"] for c in compute.values()),
+            "decode_errors": sum(c["errors"] for c in compute.values()),
+            "transient_errors": sum(c["transient"] for c in compute.values()),
+            "per_model": compute,
+        },
+    }
+    batch = BatchResult(output=output, audits=entries, summary=summarize(entries), fdr=fdr, run=run)
+    if write:
+        write_results(batch)
+    log.info("batch done: %s", batch.summary)
+    return batch

@@ -1,0 +1,205 @@
+"""The feature store: Parquet part files keyed by (model fingerprint, feature-config hash, image hash).
+
+Layout under the store root (a local folder or an ``s3://`` prefix)::
+
+    model=<fingerprint>/cfg=<config hash>/part-<uuid>.parquet   feature rows
+    _hashes/part-<uuid>.parquet                                  URI → content hash cache
+    _models/<fingerprint>.json                                   image size / channels of a model
+
+One feature row per image: ``content_hash``, ``model_fingerprint``, ``config_hash``, ``status``
+(``"ok"`` or ``"error"``), ``error`` (the image's failure reason, null when ok) and the feature
+columns as float64 (NaN on error rows). Decode failures are stored too: they are a property of
+the bytes, so a re-run must not retry them — read failures (transient) never reach the store.
+
+Atomicity: a part file is serialised completely in memory and published with
+:func:`cdi_ray.storage.atomic_write_bytes` (local temp + rename; one S3 PUT). Readers only look at
+``part-*.parquet`` names and *validate* every file (Parquet footer, required columns, the
+partition's fingerprint and config hash); a file that fails is skipped with a warning, never
+trusted. Rows can appear twice when a retried task wrote its batch again: reading keeps the first
+row per ``content_hash`` in file-name order, and features are deterministic per key, so the
+choice does not matter.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cdi_ray import storage
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ("content_hash", "model_fingerprint", "config_hash", "status", "error")
+STATUS_OK, STATUS_ERROR = "ok", "error"
+#: Parallel GETs when reading many part files from S3.
+_READ_THREADS = 16
+
+
+def _part_name() -> str:
+    return f"part-{uuid.uuid4().hex}.parquet"
+
+
+def table_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
+    """A whole Parquet file in memory (the footer — Parquet's own commit marker — is written last)."""
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(meta)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
+    """A part file, or None (with a warning) when it is missing or not a complete Parquet file."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None  # deleted between listing and reading (compaction)
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        log.warning("ignoring unreadable feature-store file %s: %s", uri, exc)
+        return None
+
+
+class FeatureStore:
+    """Feature rows of every (model, feature config, image) computed so far.
+
+    Args:
+        root (`str`): local folder or ``s3://`` prefix.
+    """
+
+    def __init__(self, root: str):
+        self.root = storage.normalize(root) if not storage.is_remote(root) else root.rstrip("/")
+
+    # -- layout ------------------------------------------------------------------------------
+    def partition(self, fingerprint: str, config_hash: str) -> str:
+        return storage.join(self.root, f"model={fingerprint}", f"cfg={config_hash}")
+
+    def part_files(self, fingerprint: str, config_hash: str) -> list[str]:
+        try:
+            files = storage.iter_files(self.partition(fingerprint, config_hash))
+            return sorted(e.uri for e in files if _is_part(e.uri))
+        except FileNotFoundError:
+            return []
+
+    # -- reading -----------------------------------------------------------------------------
+    def _tables(self, fingerprint: str, config_hash: str, columns: list[str] | None) -> list[pa.Table]:
+        files = self.part_files(fingerprint, config_hash)
+        if not files:
+            return []
+        with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
+            tables = list(pool.map(lambda f: _read_table(f, columns), files))
+        good = []
+        for f, t in zip(files, tables):
+            if t is None:
+                continue
+            if not _belongs(t, fingerprint, config_hash):
+                log.warning("ignoring feature-store file %s: its rows belong to another partition", f)
+                continue
+            good.append(t)
+        return good
+
+    def keys(self, fingerprint: str, config_hash: str) -> set[str]:
+        """Content hashes with a stored row (ok or a cached decode error)."""
+        tables = self._tables(fingerprint, config_hash, ["content_hash", "model_fingerprint", "config_hash"])
+        out: set[str] = set()
+        for t in tables:
+            out.update(t.column("content_hash").to_pylist())
+        return out
+
+    def read(self, fingerprint: str, config_hash: str, hashes: Iterable[str] | None = None) -> pa.Table | None:
+        """Stored rows, one per content hash (restricted to ``hashes`` when given); None if empty."""
+        tables = self._tables(fingerprint, config_hash, None)
+        if not tables:
+            return None
+        table = pa.concat_tables(tables, promote_options="default")
+        if hashes is not None:
+            table = table.filter(pc.is_in(table.column("content_hash"), value_set=pa.array(sorted(set(hashes)), pa.string())))
+        return dedupe(table)
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, fingerprint: str, config_hash: str, table: pa.Table) -> str:
+        """Publish ``table`` as one new part file, atomically; returns its URI."""
+        missing = [c for c in KEY_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"feature rows lack columns {missing}")
+        uri = storage.join(self.partition(fingerprint, config_hash), _part_name())
+        storage.atomic_write_bytes(uri, table_bytes(table))
+        return uri
+
+    # -- model info cache ---------------------------------------------------------------------
+    def model_info(self, fingerprint: str) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(storage.join(self.root, "_models", f"{fingerprint}.json")))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def put_model_info(self, fingerprint: str, info: dict) -> None:
+        storage.atomic_write_bytes(
+            storage.join(self.root, "_models", f"{fingerprint}.json"), json.dumps(info, sort_keys=True).encode()
+        )
+
+    # -- URI → content-hash cache --------------------------------------------------------------
+    def hash_index(self) -> dict[str, tuple[int, str, str]]:
+        """``uri → (size, version, content_hash)`` of images hashed by earlier runs."""
+        folder = storage.join(self.root, "_hashes")
+        try:
+            files = sorted(e.uri for e in storage.iter_files(folder) if _is_part(e.uri))
+        except FileNotFoundError:
+            return {}
+        out: dict[str, tuple[int, str, str]] = {}
+        if not files:
+            return out
+        with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
+            tables = list(pool.map(_read_table, files))
+        for t in tables:
+            if t is None or not {"uri", "size", "version", "content_hash"} <= set(t.column_names):
+                continue
+            for uri, size, version, h in zip(*(t.column(c).to_pylist() for c in ("uri", "size", "version", "content_hash"))):
+                out[uri] = (size, version, h)
+        return out
+
+    def add_hashes(self, rows: list[dict]) -> None:
+        """Remember ``{uri, size, version, content_hash}`` rows (one new part file)."""
+        if not rows:
+            return
+        table = pa.Table.from_pylist(rows, schema=pa.schema(
+            [("uri", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("content_hash", pa.string())]
+        ))
+        storage.atomic_write_bytes(storage.join(self.root, "_hashes", _part_name()), table_bytes(table))
+
+
+def _is_part(uri: str) -> bool:
+    name = storage.basename(uri)
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def _belongs(table: pa.Table, fingerprint: str, config_hash: str) -> bool:
+    names = table.column_names
+    if "content_hash" not in names or "model_fingerprint" not in names or "config_hash" not in names:
+        return False
+    if table.num_rows == 0:
+        return True
+    fps = pc.unique(table.column("model_fingerprint")).to_pylist()
+    cfgs = pc.unique(table.column("config_hash")).to_pylist()
+    return fps == [fingerprint] and cfgs == [config_hash]
+
+
+def dedupe(table: pa.Table) -> pa.Table:
+    """Keep the first row per ``content_hash`` (retried writes can store a key twice)."""
+    seen: set[str] = set()
+    keep = []
+    for i, h in enumerate(table.column("content_hash").to_pylist()):
+        if h not in seen:
+            seen.add(h)
+            keep.append(i)
+    return table if len(keep) == table.num_rows else table.take(pa.array(keep, pa.int64()))

@@ -1,0 +1,447 @@
+"""The audit manifest: which models, which audits, where results go.
+
+A manifest is YAML or JSON, validated once at load time with pydantic (``extra="forbid"``,
+frozen) and trusted everywhere after. The smallest valid manifest::
+
+    models: {sd-mini: {uri: s3://models/sd-mini}}
+    audits:
+      - {id: artist-042, model: sd-mini,
+         published: s3://owners/artist-042/published/,
+         unpublished: s3://owners/artist-042/unpublished/}
+    output: s3://audits/2026-11-28/
+
+An image source (``published`` / ``unpublished``) is one of
+
+* a string — a folder or an S3 prefix, listed recursively for image files;
+* a list of image URIs;
+* ``{list_file: URI}`` — a text file with one image URI per line (``#`` comments and blank
+  lines ignored; relative entries are taken relative to the list file).
+
+Relative local paths in a manifest are resolved against the manifest's own folder, so a
+manifest and its data can travel together (``ray job submit --working-dir .``).
+
+Errors name the field and the fix, e.g.::
+
+    audits[0].model: unknown model 'sd-mni' — use one of the names under `models:` (sd-mini)
+
+Credentials never appear here: storage is reached with the environment's / instance
+role's credentials (see :mod:`cdi_ray.storage`). This module imports no Ray.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Access = Literal["white-box", "gray-box"]
+Preset = Literal["white-box", "gray-box"]
+
+#: Audit ids become file names and partition values: keep them path-safe.
+AUDIT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; ``problems`` holds one ``"field.path: what — fix"`` per issue."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"invalid manifest {source}" if source else "invalid manifest"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# image sources
+# ----------------------------------------------------------------------------------------------
+class ListFile(_Spec):
+    """A text file that lists image URIs, one per line."""
+
+    list_file: str = Field(min_length=1, description="URI of a text file with one image URI per line")
+
+
+Source = Annotated[
+    Union[str, list[str], ListFile],
+    Field(description="a folder/prefix, an explicit list of image URIs, or {list_file: URI}"),
+]
+
+
+def _check_source(value: Any, field: str) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"{field} must not be empty; give a folder/prefix, a list of URIs or {{list_file: URI}}")
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{field} is an empty list; give at least one image URI")
+    if isinstance(value, list) and any((not isinstance(v, str)) or not v.strip() for v in value):
+        raise ValueError(f"{field} must list non-empty URI strings")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+class ModelSpec(_Spec):
+    """One diffusion model and how its feature actors are scheduled."""
+
+    uri: str = Field(min_length=1, description="local folder or s3:// prefix of a diffusers pipeline")
+    access: Access = Field("white-box", description="white-box allows gradients (all 26 features); gray-box forward passes only")
+    batch_size: int = Field(32, gt=0, le=65536, description="images per feature-actor call")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per feature actor (0 on CPU clusters)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per feature actor")
+    min_replicas: int = Field(1, ge=1, description="smallest feature-actor pool (ActorPoolStrategy min_size)")
+    max_replicas: int = Field(1, ge=1, description="largest feature-actor pool (ActorPoolStrategy max_size)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when num_gpus > 0, else cpu")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weight dtype; non-float32 also runs f under autocast")
+    options: dict[str, Any] = Field(default_factory=dict, description="family options for the loader, e.g. {missing_label: null}")
+
+    @model_validator(mode="after")
+    def _pool(self) -> "ModelSpec":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is smaller than min_replicas ({self.min_replicas}); "
+                "raise max_replicas or lower min_replicas"
+            )
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ValueError("device is 'cuda' but num_gpus is 0; set num_gpus (e.g. 1) or device: cpu")
+        return self
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# audits
+# ----------------------------------------------------------------------------------------------
+class TestSpec(_Spec):
+    """How one audit's P-vs-U test is run (see cdi_ray.stats.run_test)."""
+
+    __test__ = False  # not a pytest class
+
+    procedure: str = Field("crossfit-permutation", min_length=1, description="a procedure name known to cdi_ray.stats")
+    alpha: float = Field(0.01, gt=0, lt=1, description="per-audit significance level (used when fdr.method is none)")
+    options: dict[str, Any] = Field(default_factory=dict, description="procedure options, e.g. {max_permutations: 999}")
+    min_samples: int | None = Field(None, ge=1, description="fewer usable images per side → inconclusive; default: cdi_ray.stats.MIN_SAMPLES")
+
+
+class AuditSpec(_Spec):
+    """One collection audited against one model."""
+
+    id: str = Field(pattern=AUDIT_ID_PATTERN, description="unique, path-safe audit id")
+    model: str = Field(description="a name under `models:`")
+    published: Source
+    unpublished: Source
+    preset: Preset | None = Field(None, description="feature preset; defaults to the model's access")
+    features: list[str] | None = Field(None, description="explicit feature list instead of the preset, e.g. [dl, pia]")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-feature hyper-parameters, e.g. {ml: {timesteps: [0, 500]}}"
+    )
+    test: TestSpec = Field(default_factory=TestSpec)
+    seed: int = Field(0, ge=0, description="root seed of every random draw of this audit")
+
+    @field_validator("published", "unpublished", mode="after")
+    @classmethod
+    def _sources(cls, v, info):
+        return _check_source(v, info.field_name)
+
+
+class FdrSpec(_Spec):
+    """False-discovery-rate control across the whole batch of audits."""
+
+    method: Literal["bh", "by", "bonferroni", "none"] = Field(
+        "bh", description="bh: Benjamini–Hochberg; by: Benjamini–Yekutieli; bonferroni; none: per-audit alpha only"
+    )
+    q: float = Field(0.05, gt=0, lt=1, description="target false-discovery rate")
+
+
+class Manifest(_Spec):
+    """A batch of audits."""
+
+    version: Literal[1] = 1
+    models: dict[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)], ModelSpec] = Field(min_length=1)
+    audits: list[AuditSpec] = Field(min_length=1)
+    output: str = Field(min_length=1, description="folder or s3:// prefix for results")
+    feature_store: str | None = Field(None, description="feature store location; default <output>/features")
+    fdr: FdrSpec = Field(default_factory=FdrSpec)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "Manifest":
+        problems = []
+        seen: dict[str, int] = {}
+        for i, a in enumerate(self.audits):
+            if a.id in seen:
+                problems.append(
+                    f"audits[{i}].id: duplicate audit id {a.id!r} (first at audits[{seen[a.id]}]) — give each audit a unique id"
+                )
+            else:
+                seen[a.id] = i
+            if a.model not in self.models:
+                known = ", ".join(sorted(self.models))
+                problems.append(
+                    f"audits[{i}].model: unknown model {a.model!r} — use one of the names under `models:` ({known})"
+                )
+            else:
+                problems.extend(self._feature_problems(i, a))
+            problems.extend(_test_problems(i, a.test))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _feature_problems(self, i: int, a: AuditSpec) -> list[str]:
+        """Check preset / features / overrides with the feature registry (imported lazily: torch)."""
+        from pydantic import ValidationError as _VE
+
+        from cdi_ray.features.config import FeatureConfig
+
+        try:
+            cfg = FeatureConfig(features=tuple(a.features) if a.features else self.preset_of(a), overrides=a.overrides)
+        except _VE as exc:
+            field = "features" if a.features and any("features" in e["loc"] for e in exc.errors()) else "overrides"
+            return [f"audits[{i}].{field}: {_one_line(e['msg'])}" for e in exc.errors()]
+        if cfg.needs_gradients and self.models[a.model].access == "gray-box":
+            what = "preset 'white-box'" if not a.features else f"features {a.features}"
+            return [
+                f"audits[{i}].{'features' if a.features else 'preset'}: {what} needs gradients but model "
+                f"{a.model!r} is gray-box — use preset: gray-box (or drop gm/no), or set the model's access: white-box"
+            ]
+        return []
+
+    # -- derived -------------------------------------------------------------------------------
+    def preset_of(self, audit: AuditSpec) -> str:
+        return audit.preset or self.models[audit.model].access
+
+    def store_uri(self, output: str | None = None) -> str:
+        """Where features are kept: ``feature_store`` or ``<output>/features``."""
+        if self.feature_store:
+            return self.feature_store
+        from cdi_ray.storage import join  # storage is Ray-free too
+
+        return join(output or self.output, "features")
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON of the validated manifest."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def _test_problems(i: int, test: TestSpec) -> list[str]:
+    """Check the procedure name and its options against cdi_ray.stats (imported lazily)."""
+    from cdi_ray.stats import PROCEDURES
+
+    proc = PROCEDURES.get(test.procedure)
+    if proc is None:
+        return [f"audits[{i}].test.procedure: unknown procedure {test.procedure!r} — use one of {', '.join(sorted(PROCEDURES))}"]
+    unknown = sorted(set(test.options) - set(proc.defaults))
+    if unknown:
+        valid = ", ".join(sorted(proc.defaults)) or "none"
+        return [f"audits[{i}].test.options: unknown option(s) {unknown} for {test.procedure!r} — valid options: {valid}"]
+    return []
+
+
+def _one_line(msg: str) -> str:
+    """A nested pydantic message on one line, without its documentation links."""
+    msg = msg.removeprefix("Value error, ")
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith("For further information")]
+    return " ".join(lines)
+
+
+def json_schema() -> dict:
+    """The manifest's JSON Schema (for editors and CI)."""
+    return Manifest.model_json_schema()
+
+
+# ----------------------------------------------------------------------------------------------
+# loading and error messages
+# ----------------------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate mapping keys (plain YAML keeps the last silently)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} — each key may appear once in a mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(manifest)"
+
+
+_SOURCE_HINT = "give a folder/prefix string, a list of image URIs, or {list_file: URI}"
+
+
+def _allowed_keys(model: type[BaseModel] | None) -> str:
+    return ", ".join(model.model_fields) if model else ""
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of ``loc`` (for 'allowed keys' hints)."""
+    cur: type[BaseModel] | None = Manifest
+    parts = list(loc[:-1])
+    i = 0
+    while i < len(parts) and cur is not None:
+        p = parts[i]
+        if cur is Manifest and p == "models":
+            cur, i = ModelSpec, i + 2  # models.<name>
+            continue
+        if cur is Manifest and p == "audits":
+            cur, i = AuditSpec, i + 2  # audits[i]
+            continue
+        if cur is Manifest and p == "fdr":
+            cur = FdrSpec
+        elif cur is AuditSpec and p == "test":
+            cur = TestSpec
+        else:
+            return None
+        i += 1
+    return cur
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err.get("loc", ()))
+    where = _loc(loc)
+    kind = err.get("type", "")
+    msg = err.get("msg", "")
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = _allowed_keys(owner)
+        hint = f"; allowed keys here: {allowed}" if allowed else ""
+        return f"{where}: unknown key {loc[-1]!r} — remove it or fix its spelling{hint}"
+    if kind == "missing":
+        return f"{where}: required field is missing — add `{loc[-1]}:`"
+    if kind == "literal_error":
+        expected = (err.get("ctx") or {}).get("expected", "")
+        return f"{where}: {value!r} is not allowed — use one of {expected}"
+    if kind == "string_pattern_mismatch":
+        return f"{where}: {value!r} is not a valid name — use letters, digits, '.', '_' or '-' (start with a letter or digit)"
+    if kind == "value_error":
+        text = msg.removeprefix("Value error, ")
+        if where == "(manifest)":
+            return text  # cross-reference checks already name their fields
+        return f"{where}: {text}"
+    if kind in ("int_parsing", "int_type", "float_parsing", "float_type", "int_from_float", "bool_parsing", "bool_type"):
+        return f"{where}: {msg.lower()} (got {value!r}) — fix the value's type"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{where}: {msg.lower()} (got {value!r})"
+    return f"{where}: {msg} (got {value!r})"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    """One line per problem; a source (a union) that fails every branch is reported once."""
+    out: list[str] = []
+    sources: dict[tuple, list[dict]] = {}
+    for err in exc.errors(include_url=False):
+        loc = tuple(err.get("loc", ()))
+        if len(loc) >= 3 and loc[0] == "audits" and loc[2] in ("published", "unpublished"):
+            sources.setdefault(loc[:3], []).append(err)
+            continue
+        for line in _describe(err).split("\n"):
+            if line not in out:
+                out.append(line)
+    for key, errs in sources.items():
+        where, value = _loc(key), errs[0].get("input")
+        mine = [e for e in errs if e.get("type") == "value_error"]
+        if mine:
+            line = f"{where}: {mine[0]['msg'].removeprefix('Value error, ')}"
+        elif isinstance(value, dict):
+            line = f"{where}: a mapping source takes exactly one key, list_file (got keys {sorted(value)}) — write {{list_file: URI}}"
+        else:
+            line = f"{where}: not a valid image source (got {value!r}) — {_SOURCE_HINT}"
+        out.append(line)
+    return out
+
+
+def parse_manifest(data: Any, *, base_dir: str | None = None, source: str | None = None) -> Manifest:
+    """Validate already-parsed manifest data; relative local paths resolve against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ManifestError([f"(manifest): expected a mapping with keys models, audits, output; got {type(data).__name__}"], source)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(_problems(exc), source) from None
+    if base_dir is not None:
+        manifest = _resolve_relative(manifest, base_dir)
+    return manifest
+
+
+def load_manifest(path_or_uri: str | os.PathLike) -> Manifest:
+    """Read, parse and validate a manifest (local path, ``file://`` or ``s3://``).
+
+    Raises:
+        ManifestError: the file is unreadable, not YAML/JSON, or invalid; ``.problems`` lists each issue.
+    """
+    from cdi_ray import storage
+
+    uri = str(path_or_uri)
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ManifestError([f"(file): {uri} does not exist — check the path"], uri) from None
+    except OSError as exc:
+        raise ManifestError([f"(file): cannot read {uri}: {exc}"], uri) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(["(file): not UTF-8 text — save the manifest as UTF-8 YAML or JSON"], uri) from None
+    try:
+        if uri.endswith(".json"):
+            data = json.loads(text)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # YAML is a superset of JSON
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ManifestError([f"(file): not valid YAML/JSON — {exc}"], uri) from None
+    base_dir = None if storage.is_remote(uri) else str(Path(storage.local_path(uri)).parent)
+    return parse_manifest(data, base_dir=base_dir, source=uri)
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _abs(uri: str, base_dir: str) -> str:
+    if _SCHEME.match(uri) or os.path.isabs(uri) or uri.startswith("~"):
+        return os.path.expanduser(uri) if uri.startswith("~") else uri
+    return os.path.normpath(os.path.join(base_dir, uri))
+
+
+def _resolve_relative(m: Manifest, base_dir: str) -> Manifest:
+    def src(s):
+        if isinstance(s, str):
+            return _abs(s, base_dir)
+        if isinstance(s, list):
+            return [_abs(u, base_dir) for u in s]
+        return ListFile(list_file=_abs(s.list_file, base_dir))
+
+    models = {k: v.model_copy(update={"uri": _abs(v.uri, base_dir)}) for k, v in m.models.items()}
+    audits = [
+        a.model_copy(update={"published": src(a.published), "unpublished": src(a.unpublished)}) for a in m.audits
+    ]
+    update: dict[str, Any] = {"models": models, "audits": audits, "output": _abs(m.output, base_dir)}
+    if m.feature_store:
+        update["feature_store"] = _abs(m.feature_store, base_dir)
+    return m.model_copy(update=update)

@@ -1,0 +1,106 @@
+"""Run a batch of CDI audits described by a manifest.
+
+Locally (starts a local Ray when no cluster address is set)::
+
+    python jobs/audit.py examples/manifests/local.yaml --out /tmp/audit-out
+
+Unchanged on a running cluster (``ray job submit`` sets RAY_ADDRESS for the driver)::
+
+    ray job submit --working-dir . -- python jobs/audit.py manifest.yaml --out s3://audits/2026-11-28/
+
+Smoke test (CPU, a tiny random model, a few generated images, nothing to download)::
+
+    python jobs/audit.py --smoke-test
+
+Exit codes: 0 every audit done; 3 partial failure (some audits failed — recorded in results.json
+with their reason — the rest completed); 2 invalid input (bad manifest, unreadable manifest);
+1 internal error. The last line on stdout is a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
+
+#: Smoke test: enough images for the test to run (crossfit needs a few per fold), small enough
+#: to finish in well under a minute on a laptop CPU.
+SMOKE_IMAGES_PER_SET = 12
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Exit codes: 0 done, 3 partial failure, 2 invalid input, 1 internal error.")
+    p.add_argument("manifest", nargs="?", help="manifest (YAML or JSON; local path or s3://)")
+    p.add_argument("--out", help="output location (overrides the manifest's `output`)")
+    p.add_argument("--feature-store", help="feature store location (default: the manifest's, else <output>/features)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(8, cores))")
+    p.add_argument("--rehash", action="store_true", help="ignore the URI→hash cache and re-read every image")
+    p.add_argument("--smoke-test", action="store_true", help="run a tiny self-contained audit on CPU and exit")
+    p.add_argument("-v", "--verbose", action="count", default=1, help="more log detail")
+    args = p.parse_args(argv)
+    if not args.manifest and not args.smoke_test:
+        p.error("give a MANIFEST, or --smoke-test")
+    return args
+
+
+def smoke_manifest(workdir: str) -> str:
+    """A manifest over a tiny random model and generated images under ``workdir``."""
+    import os
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from cdi_ray.models.testing import make_tiny_pixel_ddpm
+
+    model = make_tiny_pixel_ddpm(os.path.join(workdir, "model"), image_size=16, channels=1)
+    rng = np.random.default_rng(0)
+    for name in ("published", "unpublished"):
+        os.makedirs(os.path.join(workdir, name))
+        for i in range(SMOKE_IMAGES_PER_SET):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(os.path.join(workdir, name, f"{i:03d}.png"))
+    manifest = {
+        "models": {"tiny": {"uri": str(model), "access": "gray-box", "batch_size": 8}},
+        "audits": [{"id": "smoke", "model": "tiny", "published": "published", "unpublished": "unpublished",
+                    "overrides": {"dl": {"n_draws": 2}}}],
+        "output": "out",
+    }
+    path = os.path.join(workdir, "manifest.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(manifest, f)
+    return path
+
+
+def main(args: argparse.Namespace) -> dict:
+    from cdi_ray.pipeline.run import ensure_ray, run_manifest
+    from cdi_ray.spec import ManifestError, load_manifest
+
+    path = args.manifest or smoke_manifest(tempfile.mkdtemp(prefix="cdi-ray-smoke-"))
+    try:
+        manifest = load_manifest(path)
+    except ManifestError as exc:
+        return {"exit_code": EXIT_INVALID, "error": str(exc)}
+    ensure_ray(args.address, num_cpus=args.num_cpus)
+    batch = run_manifest(manifest, args.out, feature_store=args.feature_store, rehash=args.rehash)
+    return {"exit_code": batch.exit_code, "output": batch.output, "summary": batch.summary,
+            "features": {k: v for k, v in batch.run["features"].items() if k != "per_model"},
+            "seconds": batch.run["seconds"]}
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = main(args)
+    except Exception:  # noqa: BLE001
+        logging.getLogger("jobs.audit").exception("internal error")
+        result = {"exit_code": EXIT_INTERNAL, "error": "internal error (see the log above)"}
+    if result.get("error"):
+        print(result["error"], file=sys.stderr)
+    print(json.dumps(result))
+    sys.exit(result["exit_code"])
