@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdi_ray.features import FEATURES, PRESETS, FeatureConfig, FeatureExtractor, get_feature_class, resolve_preset
+from cdi_ray.features import (FEATURES, PRESETS, FeatureConfig, FeatureExtractor, get_feature_class, passes_per_image,
+                              resolve_preset)
 from cdi_ray.features.context import image_noise
 from cdi_ray.features.lbfgs import lbfgs_batched
 from cdi_ray.models.base import DiffusionModel, ImageMeta
@@ -336,6 +337,17 @@ def test_features_do_not_depend_on_batch_order_or_split():
     np.testing.assert_array_equal(renamed["secmi"], once["secmi"])  # deterministic features stay
 
 
+def test_callers_inference_mode_does_not_break_gradient_features():
+    model = TinyNetModel(channels=2, size=4, num_classes=3, seed=1)
+    x, metas = _images(3, model.latent_shape, seed=4), _metas(3, labels=True)
+    ext = FeatureExtractor(model, FeatureConfig(features=("gm", "no")))
+    plain = ext(x, metas)
+    with torch.inference_mode():
+        inside = ext(x.clone(), metas)
+    for c in ext.columns:
+        np.testing.assert_array_equal(inside[c], plain[c], err_msg=c)
+
+
 def test_no_global_rng_is_touched():
     model = TinyNetModel(channels=2, size=4, seed=1)
     x, metas = _images(3, model.latent_shape, seed=4), _metas(3)
@@ -370,7 +382,9 @@ def test_pass_counts_match_the_claim(features, fwd, fwd_bwd):
 
 def test_white_box_cost_is_within_the_method_table():
     # METHOD.md: ≈40 forward and 16–25 forward+backward per image for white-box CDI
-    claim = FeatureConfig().passes_per_image()
+    claim = passes_per_image("white-box")
+    assert claim == FeatureConfig().passes_per_image()
+    assert passes_per_image("gray-box") == {"forward": 29, "forward_backward": 0, "forward_backward_max": 0}
     assert claim["forward"] <= 40 and claim["forward_backward"] == 16
     model = TinyNetModel(channels=2, size=4, seed=2)
     ext = FeatureExtractor(model, FeatureConfig())
@@ -519,6 +533,42 @@ def test_extract_to_parquet_writes_the_schema(tmp_path, tiny_pixel_dir):
     np.testing.assert_allclose(rows2[1]["dl"], rows[0]["dl"], rtol=RTOL, atol=ATOL)
     with pytest.raises(FileNotFoundError, match="no image files"):
         extract_to_parquet(tiny_pixel_dir, str(tmp_path / "sub"), str(tmp_path / "x.parquet"))
+
+
+def test_autocast_bfloat16_stays_close():
+    model = TinyNetModel(channels=2, size=4, seed=1)
+    x, metas = _images(3, model.latent_shape, seed=4), _metas(3)
+    cfg = FeatureConfig(features="gray-box")
+    fp32 = FeatureExtractor(model, cfg)(x, metas)
+    bf16_cfg = cfg.model_copy(update={"autocast_dtype": "bfloat16"})
+    assert bf16_cfg.config_hash() != cfg.config_hash()
+    bf16 = FeatureExtractor(model, bf16_cfg)(x, metas)
+    for c in ["dl", "pia", "ml_t0", "ml_t900"]:
+        assert np.isfinite(bf16[c]).all()
+        np.testing.assert_allclose(bf16[c], fp32[c], rtol=0.05, err_msg=c)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_and_is_batch_invariant(tiny_dit_dir):
+    from cdi_ray.models import load_model
+
+    cpu_model, gpu_model = load_model(tiny_dit_dir), load_model(tiny_dit_dir, device="cuda")
+    n = 16
+    x = _images(n, (cpu_model.image_channels, cpu_model.image_size, cpu_model.image_size), seed=5)
+    metas = _metas(n, labels=True)
+    cpu = FeatureExtractor(cpu_model, FeatureConfig(device="cpu"))(x, metas)
+    ext = FeatureExtractor(gpu_model, FeatureConfig(device="cuda"))
+    assert ext.config_hash == FeatureConfig(device="cpu").config_hash()
+    gpu = ext(x, metas)
+    for c in WHITE_BOX_COLUMNS:
+        tol = 1e-2 if c.startswith("no_") else 1e-3
+        np.testing.assert_allclose(gpu[c], cpu[c], rtol=tol, atol=tol, err_msg=c)
+    for i in (0, 9):
+        alone = ext(x[i:i + 1], metas[i:i + 1])
+        for c in WHITE_BOX_COLUMNS:
+            tol = 5e-3 if c.startswith("no_") else 1e-4
+            np.testing.assert_allclose(alone[c][0], gpu[c][i], rtol=tol, atol=tol, err_msg=c)
 
 
 def test_timesteps_beyond_the_schedule_are_refused():

@@ -9,8 +9,9 @@ Modules: one per feature family (``dl``, ``secmi``, ``pia`` (PIA + PIAN), ``gm``
 memoised evaluations and pass counts), ``lbfgs`` (per-sample batched L-BFGS), ``extractor``,
 ``extract`` (folder → Parquet).
 """
-from cdi_ray.features.config import FeatureConfig
+from cdi_ray.features.config import FeatureConfig, passes_per_image
 from cdi_ray.features.extractor import FeatureExtractor
 from cdi_ray.features.registry import FEATURES, PRESETS, get_feature_class, resolve_preset
 
-__all__ = ["FEATURES", "PRESETS", "FeatureConfig", "FeatureExtractor", "get_feature_class", "resolve_preset"]
+__all__ = ["FEATURES", "PRESETS", "FeatureConfig", "FeatureExtractor", "get_feature_class", "passes_per_image",
+           "resolve_preset"]

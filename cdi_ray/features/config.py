@@ -6,10 +6,10 @@
 
 ``config_hash()`` is the sha256 of canonical JSON (sorted keys, no spaces) of everything that
 changes feature *values*: the resolved feature list with every feature's full config (defaults
-filled in, so a preset and the equivalent explicit list hash alike), the seed, the encoder mode
-and the autocast dtype. Execution details that do not change values — ``device`` (all noise is
-drawn on CPU generators) and ``max_micro_batch`` — are left out, so rows computed on CPU and GPU
-share a feature store.
+filled in, so a preset and the equivalent explicit list hash alike), the seed, the encoder mode,
+the autocast dtype and ``allow_tf32``. Execution details that change values only by float
+rounding — ``device`` (all noise is drawn on CPU generators) and the micro-batch sizes — are left
+out, so rows computed on CPU and GPU share a feature store.
 """
 from __future__ import annotations
 
@@ -44,8 +44,14 @@ class FeatureConfig(BaseModel):
         autocast_dtype (`str`, *optional*): ``"bfloat16"`` or ``"float16"`` to run f under autocast.
         encode (`str`, *optional*, defaults to ``"sample"``): latent encoders sample the posterior
             (``"sample"``, METHOD.md) or take its mean (``"mean"``).
-        max_micro_batch (`int`, *optional*, defaults to 256): most rows per call of f (timesteps
-            and noise draws are concatenated along the batch axis up to this size).
+        max_micro_batch (`int`, *optional*, defaults to 256): most rows per forward call of f
+            (timesteps and noise draws are concatenated along the batch axis up to this size).
+        max_micro_batch_grad (`int`, *optional*, defaults to 64): most rows per forward+backward call
+            (these keep activations for the backward pass: lower it for large models).
+        allow_tf32 (`bool`, *optional*, defaults to `False`): let CUDA convolutions and matmuls use
+            TF32. Off by default: TF32 rounds to ~1e-3 and makes values depend more on which
+            kernel a batch size selects; cuDNN autotuning (``benchmark``) is also off while
+            features run, so a kernel is chosen by shape alone.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -57,6 +63,8 @@ class FeatureConfig(BaseModel):
     autocast_dtype: Literal["bfloat16", "float16"] | None = None
     encode: Literal["sample", "mean"] = "sample"
     max_micro_batch: int = Field(256, ge=1)
+    max_micro_batch_grad: int = Field(64, ge=1)
+    allow_tf32: bool = False
 
     @field_validator("features")
     @classmethod
@@ -139,6 +147,7 @@ class FeatureConfig(BaseModel):
             "seed": self.seed,
             "encode": self.encode,
             "autocast_dtype": self.autocast_dtype,
+            "allow_tf32": self.allow_tf32,
         }
 
     def config_hash(self) -> str:
@@ -150,6 +159,12 @@ class FeatureConfig(BaseModel):
         """Passes of f per image: ``forward``, ``forward_backward`` (least; NO's line search may add
         more) and ``forward_backward_max``. Shared evaluations are counted once."""
         return count_passes(self.build_features())
+
+
+def passes_per_image(features: str | tuple[str, ...] = "white-box", **overrides: dict) -> dict[str, int]:
+    """Passes of f per image for a preset (or feature list) with default settings, e.g.
+    ``passes_per_image("white-box") == {"forward": 29, "forward_backward": 16, "forward_backward_max": 111}``."""
+    return FeatureConfig(features=features, overrides=overrides).passes_per_image()
 
 
 def count_passes(features: list[Feature]) -> dict[str, int]:

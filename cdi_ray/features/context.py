@@ -89,7 +89,8 @@ class EvalContext:
         cond: the batch's conditioning (``model.conditioning``); rows picked with ``model.select``.
         seed (`int`): the audit seed.
         content_hashes (`list[str]`): one per image, same order as ``z``.
-        max_micro_batch (`int`, *optional*, defaults to 256): most rows in one call of f.
+        max_micro_batch (`int`, *optional*, defaults to 256): most rows in one forward call of f.
+        max_micro_batch_grad (`int`, *optional*, defaults to 64): most rows in one forward+backward call.
         autocast_dtype (`torch.dtype`, *optional*): run f under ``torch.autocast`` with it.
     """
 
@@ -102,18 +103,20 @@ class EvalContext:
         seed: int,
         content_hashes: list[str],
         max_micro_batch: int = 256,
+        max_micro_batch_grad: int = 64,
         autocast_dtype: torch.dtype | None = None,
     ):
         if z.ndim != 4 or z.shape[0] != len(content_hashes):
             raise ValueError(f"z must be (B, C, H, W) with B = len(content_hashes) = {len(content_hashes)}, got {tuple(z.shape)}")
-        if max_micro_batch < 1:
-            raise ValueError(f"max_micro_batch must be >= 1, got {max_micro_batch}")
+        if max_micro_batch < 1 or max_micro_batch_grad < 1:
+            raise ValueError(f"micro-batch sizes must be >= 1, got {max_micro_batch}, {max_micro_batch_grad}")
         self.model = model
         self.z = z.float()
         self.cond = cond
         self.seed = int(seed)
         self.content_hashes = list(content_hashes)
         self.max_micro_batch = int(max_micro_batch)
+        self.max_micro_batch_grad = int(max_micro_batch_grad)
         self.autocast_dtype = autocast_dtype
         self.device = z.device
         self.B = int(z.shape[0])
@@ -178,9 +181,10 @@ class EvalContext:
             out = self.model.predict_noise(z_in, t_arg, cond)
         return out.float()
 
-    def _chunks(self, rows: int) -> Iterable[slice]:
-        for s in range(0, rows, self.max_micro_batch):
-            yield slice(s, min(rows, s + self.max_micro_batch))
+    @staticmethod
+    def _chunks(rows: int, size: int) -> Iterable[slice]:
+        for s in range(0, rows, size):
+            yield slice(s, min(rows, s + size))
 
     def forward(self, z_in: torch.Tensor, t: int | torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """f(z_in, t) for rows ``z_in`` (N, C, H, W) of images ``index`` (N,) (default: the batch).
@@ -192,7 +196,7 @@ class EvalContext:
         ts = self._timesteps(t, n)
         outs = []
         with torch.inference_mode():
-            for sl in self._chunks(n):
+            for sl in self._chunks(n, self.max_micro_batch):
                 outs.append(self._f(z_in[sl], ts[sl], idx[sl]))
         self.counts["forward"].index_add_(0, idx.cpu(), torch.ones(n, dtype=torch.long))
         return torch.cat(outs) if outs else z_in.new_empty(z_in.shape)
@@ -209,7 +213,7 @@ class EvalContext:
         idx = self._index(index, n)
         ts = self._timesteps(t, n)
         losses, grads, preds = [], [], []
-        for sl in self._chunks(n):
+        for sl in self._chunks(n, self.max_micro_batch_grad):
             with torch.inference_mode(False), torch.enable_grad():
                 x = z_in[sl].detach().clone().float().requires_grad_(True)
                 pred = self._f(x, ts[sl], idx[sl])

@@ -20,6 +20,8 @@ batched kernels.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -80,20 +82,24 @@ class FeatureExtractor:
             return {c: np.zeros(0, dtype=np.float64) for c in self.columns}
         hashes = [m.content_hash for m in metas]
         seed = self.config.seed
-        # 1.–2. latents and conditioning
-        with torch.no_grad():
-            enc_gens = image_generators(seed, hashes, "encode") if self.config.encode == "sample" else None
-            z = self.model.encode(images.to(self.device), enc_gens).float()
-            cond = self.model.conditioning(metas, image_generators(seed, hashes, "cond"))
-        # 3. shared first-level evaluations
-        ctx = EvalContext(self.model, z, cond, seed=seed, content_hashes=hashes,
-                          max_micro_batch=self.config.max_micro_batch,
-                          autocast_dtype=self.config.torch_autocast_dtype)
-        ctx.prefetch([r for f in self.features for r in f.shared_requests()])
-        # 4. features
+        # inference_mode(False): a caller's inference mode (e.g. a Ray actor wrapping the call) must not turn
+        # z or the conditioning into inference tensors, which the gradient passes could not save for backward
+        with torch.inference_mode(False), _cuda_numerics(self.device, allow_tf32=self.config.allow_tf32):
+            # 1.–2. latents and conditioning
+            with torch.no_grad():
+                enc_gens = image_generators(seed, hashes, "encode") if self.config.encode == "sample" else None
+                z = self.model.encode(images.to(self.device), enc_gens).float()
+                cond = self.model.conditioning(metas, image_generators(seed, hashes, "cond"))
+            # 3. shared first-level evaluations
+            ctx = EvalContext(self.model, z, cond, seed=seed, content_hashes=hashes,
+                              max_micro_batch=self.config.max_micro_batch,
+                              max_micro_batch_grad=self.config.max_micro_batch_grad,
+                              autocast_dtype=self.config.torch_autocast_dtype)
+            ctx.prefetch([r for f in self.features for r in f.shared_requests()])
+            # 4. features
+            results = [(f, f.compute(ctx)) for f in self.features]
         out: dict[str, np.ndarray] = {}
-        for f in self.features:
-            values = f.compute(ctx)
+        for f, values in results:
             if list(values) != f.columns:
                 raise RuntimeError(f"feature {f.name!r} returned columns {list(values)}, expected {f.columns}")
             for col, v in values.items():
@@ -103,6 +109,22 @@ class FeatureExtractor:
                 out[col] = v.to("cpu", torch.float64).numpy()
         self.last_pass_counts = {k: v.numpy().copy() for k, v in ctx.counts.items()}
         return out
+
+
+@contextmanager
+def _cuda_numerics(device: torch.device, *, allow_tf32: bool):
+    """On CUDA: TF32 as configured and no cuDNN autotuning while features run (restored after)."""
+    if device.type != "cuda":
+        yield
+        return
+    prev_matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=allow_tf32):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_matmul
 
 
 def _device_key(d: torch.device | str) -> tuple[str, int]:
