@@ -178,6 +178,10 @@ def test_config_round_trip_and_hash():
     assert FeatureConfig(overrides={"pian": {"constant": "sqrt_2_over_pi"}}).config_hash() != wb.config_hash()
     assert FeatureConfig(device="cuda", max_micro_batch=8).config_hash() == wb.config_hash()
     assert len(wb.config_hash()) == 64
+    # the loader's dtype spellings are accepted for autocast and stored canonically
+    assert FeatureConfig(autocast_dtype="bf16") == FeatureConfig(autocast_dtype=torch.bfloat16) == FeatureConfig(
+        autocast_dtype="bfloat16")
+    assert FeatureConfig(autocast_dtype="float32").autocast_dtype is None
     json.loads(wb.model_dump_json())
 
 
@@ -533,6 +537,24 @@ def test_extract_to_parquet_writes_the_schema(tmp_path, tiny_pixel_dir):
     np.testing.assert_allclose(rows2[1]["dl"], rows[0]["dl"], rtol=RTOL, atol=ATOL)
     with pytest.raises(FileNotFoundError, match="no image files"):
         extract_to_parquet(tiny_pixel_dir, str(tmp_path / "sub"), str(tmp_path / "x.parquet"))
+
+
+def test_extract_to_parquet_needs_labels_for_class_models(tmp_path, tiny_dit_dir):
+    import pyarrow.parquet as pq
+
+    from cdi_ray.features.extract import extract_to_parquet
+    from cdi_ray.images import ImageError
+
+    _write_pngs(tmp_path / "imgs", 2)
+    with pytest.raises(ImageError, match="no class label"):
+        extract_to_parquet(tiny_dit_dir, str(tmp_path / "imgs"), str(tmp_path / "x.parquet"), preset="gray-box")
+    listing = tmp_path / "list.txt"
+    listing.write_text("imgs/im0.png\t3\nimgs/im1.png\t7\n")
+    assert extract_to_parquet(tiny_dit_dir, str(listing), str(tmp_path / "x.parquet"), preset="gray-box") == 2
+    assert pq.read_table(tmp_path / "x.parquet").num_rows == 2
+    listing.write_text("imgs/im0.png\t12\n")
+    with pytest.raises(ImageError, match="outside"):
+        extract_to_parquet(tiny_dit_dir, str(listing), str(tmp_path / "x.parquet"), preset="gray-box")
 
 
 def test_autocast_bfloat16_stays_close():

@@ -98,6 +98,15 @@ class FeatureConfig(BaseModel):
             out[name] = conf.model_dump(mode="json", exclude_defaults=True)
         return dict(sorted(out.items()))
 
+    @field_validator("autocast_dtype", mode="before")
+    @classmethod
+    def _alias_dtype(cls, v):
+        # the loader's dtype spellings; float32 means no autocast
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "float32": None, "fp32": None}
+        if isinstance(v, torch.dtype):
+            v = str(v).removeprefix("torch.")
+        return aliases.get(v, v) if isinstance(v, str) else v
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, v):

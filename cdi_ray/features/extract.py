@@ -71,6 +71,21 @@ def list_images(images: str | os.PathLike) -> list[tuple[Path, int | None]]:
     return out
 
 
+def _check_labels(files: list[tuple[Path, int | None]], model) -> None:
+    """Class-conditional models need a label per image (unless loaded with a null class for missing ones)."""
+    from cdi_ray.images import ImageError
+
+    n_classes = getattr(model, "num_classes", None)
+    null_ok = getattr(model, "missing_label", "error") == "null"
+    how = "give labels in a list file, one 'path<TAB>label' per line"
+    for path, label in files:
+        if label is None and not null_ok:
+            raise ImageError(str(path), f"has no class label, but the model is class-conditional "
+                                        f"({n_classes} classes); {how}")
+        if label is not None and n_classes is not None and not 0 <= label < n_classes:
+            raise ImageError(str(path), f"class label {label} is outside the model's [0, {n_classes - 1}]; {how}")
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for s in range(0, len(items), size):
         yield items[s:s + size]
@@ -116,6 +131,9 @@ def extract_to_parquet(
     extractor = FeatureExtractor(model, cfg)
     mode = "L" if model.image_channels == 1 else "RGB"
     labels = dict(labels or {})
+    files = [(p, lab if lab is not None else labels.get(p.name)) for p, lab in files]
+    if model.conditioning_kind == "class":
+        _check_labels(files, model)
 
     ids: list[str] = []
     hashes: list[str] = []
@@ -127,7 +145,7 @@ def extract_to_parquet(
             h = content_hash(data)
             img = decode_image(data, name=str(path), mode=mode)
             arrays.append(preprocess(img, size=model.image_size, channels=model.image_channels))
-            metas.append(ImageMeta(content_hash=h, label=label if label is not None else labels.get(path.name)))
+            metas.append(ImageMeta(content_hash=h, label=label))
             ids.append(path.name)
             hashes.append(h)
         feats = extractor(torch.from_numpy(np.stack(arrays)), metas)
