@@ -1,0 +1,25 @@
+"""Statistics of CDI: scorer, calibrated dataset-inference tests, verdicts, FDR, evaluation.
+
+NumPy / SciPy / scikit-learn only (no Ray, no torch). Entry points:
+
+    run_test(published, unpublished, procedure="crossfit-permutation", alpha=0.01, seed=0, **options) -> TestResult
+    verdict(result, *, alpha=None, p_adjusted=None, min_samples=50, controls=()) -> Verdict
+    benjamini_hochberg(pvalues, q=0.05) / benjamini_yekutieli(...) / bonferroni(pvalues, alpha=0.05) -> FDRResult
+
+See docs/STATISTICS.md.
+"""
+from .evaluation import (MIX_GRID, N_GRID, U_RATIO_GRID, MIATable, PValueCurve, mean_pvalue_curve, mia_table,
+                         minimum_samples)
+from .fdr import benjamini_hochberg, benjamini_yekutieli, bonferroni
+from .procedures import DEFAULT_PROCEDURE, PROCEDURES, register_procedure, run_test, validate_features
+from .results import FDRResult, TestResult, Verdict
+from .scorer import CrossFitScores, crossfit_scores, logistic_pipeline
+from .verdict import MIN_SAMPLES, verdict
+
+__all__ = [
+    "run_test", "TestResult", "PROCEDURES", "DEFAULT_PROCEDURE", "register_procedure", "validate_features",
+    "verdict", "Verdict", "MIN_SAMPLES",
+    "benjamini_hochberg", "benjamini_yekutieli", "bonferroni", "FDRResult",
+    "crossfit_scores", "CrossFitScores", "logistic_pipeline",
+    "N_GRID", "MIX_GRID", "U_RATIO_GRID", "PValueCurve", "mean_pvalue_curve", "minimum_samples", "MIATable", "mia_table",
+]

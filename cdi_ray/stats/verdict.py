@@ -1,0 +1,91 @@
+"""From a test result to a plain-language verdict: ``used`` / ``not_detected`` / ``inconclusive``.
+
+A verdict may end up in an accusation, so "used" needs every condition below; anything odd
+yields "inconclusive", which is a legitimate, calibrated answer rather than a failure.
+
+Policy, in order (the first rule that applies decides):
+  1. a control fired (e.g. a distribution-shift guard, added by later stages) → inconclusive;
+  2. no p-value (failed audit) → inconclusive;
+  3. |P| or |U| below ``min_samples`` → inconclusive;
+  4. P scores significantly LOWER than U (two-sided p ≤ α, unadjusted) → inconclusive:
+     training on P does not make P look *less* like training data, so P and U differ in
+     something else (or pair up, e.g. near-duplicates across P and U);
+  5. the procedure is not calibrated (``paper-*``) and p ≤ α → inconclusive;
+  6. p (adjusted, if given) ≤ α and direction P>U → used;
+  7. otherwise → not_detected ("no evidence at this level", never "proof of non-use").
+
+Minimum n (``MIN_SAMPLES`` = 50 per collection). The permutation p-value is exact at any
+n, so this is not a calibration guard; it is an evidence-quality guard:
+  * below 50 images one image is ≥ 2 % of a collection, so a single mislabelled,
+    duplicated or corrupted image can carry the result;
+  * the full feature set has k = 26 dimensions; with fewer than ~2k samples per collection the
+    cross-fitted scorer is mostly noise and a small p-value more likely reflects a few
+    outlying images than a consistent membership signal;
+  * the smallest |P| at which the published method detects anything is 70 (METHOD.md), and the
+    calibration simulations in this repository start at n = 50; a "used" below that would
+    claim more than the method has been shown to support.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from .results import TestResult, Verdict
+
+__all__ = ["verdict", "MIN_SAMPLES"]
+
+MIN_SAMPLES = 50
+
+
+def _fmt(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def verdict(result: TestResult, *, alpha: float | None = None, p_adjusted: float | None = None,
+            min_samples: int = MIN_SAMPLES, controls: Iterable[str] = ()) -> Verdict:
+    """Map a :class:`TestResult` to a :class:`Verdict` with a one-sentence reason.
+
+    Args:
+        result (`TestResult`): output of :func:`run_test`.
+        alpha (`float`, *optional*): level; defaults to ``result.alpha``.
+        p_adjusted (`float`, *optional*): this audit's p-value adjusted for a batch (e.g.
+            ``benjamini_hochberg(...).adjusted[i]``); replaces ``result.pvalue`` in rule 6.
+        min_samples (`int`, *optional*, defaults to 50): smallest |P| and |U| for a finding.
+        controls (`iterable of str`, *optional*): reasons of controls that fired; any → inconclusive.
+    """
+    alpha = float(result.alpha if alpha is None else alpha)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha!r}")
+    controls = tuple(str(c) for c in controls)
+    adjusted = p_adjusted is not None
+    p = float(result.pvalue if p_adjusted is None else p_adjusted)
+    n_p, n_u = result.n_published, result.n_unpublished
+
+    def out(label, reason):
+        return Verdict(label=label, reason=reason, pvalue=None if math.isnan(p) else p, alpha=alpha, controls=controls)
+
+    if controls:
+        return out("inconclusive", f"A control fired ({'; '.join(controls)}), so a difference between the published "
+                                   f"and unpublished images cannot be attributed to training on the published ones.")
+    if math.isnan(p):
+        return out("inconclusive", "The audit produced no p-value, so it says nothing either way.")
+    if min(n_p, n_u) < min_samples:
+        return out("inconclusive", f"Only {n_p} published and {n_u} unpublished images were compared; at least "
+                                   f"{min_samples} of each are needed before the result can count as evidence.")
+    p2 = result.pvalue_two_sided
+    if result.direction == "P<U" and p2 <= alpha:
+        return out("inconclusive", f"The published images look significantly LESS like training data than the "
+                                   f"unpublished ones (two-sided p = {_fmt(p2)}), which training on them cannot "
+                                   f"explain, so the two collections differ in some other way.")
+    if not result.calibrated and p <= alpha:
+        return out("inconclusive", f"The '{result.procedure}' procedure is known to report too many false "
+                                   f"positives, so its p = {_fmt(p)} cannot support a finding; rerun with "
+                                   f"'crossfit-permutation'.")
+    p_txt = f"p ≤ {_fmt(p)}" if result.p_at_floor and not adjusted else f"p = {_fmt(p)}"
+    batch = " after adjusting for the batch of audits" if adjusted else ""
+    if p <= alpha and result.direction == "P>U":
+        return out("used", f"The published images score as more familiar to the model than comparable unpublished "
+                           f"images ({p_txt}{batch}, at level {alpha:g}), which is evidence that the model was "
+                           f"trained on at least part of them.")
+    return out("not_detected", f"There is no evidence at level {alpha:g} that the model was trained on the published "
+                               f"images ({p_txt}{batch}); this does not show that it was not.")
