@@ -24,6 +24,9 @@ from typing import Iterator
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
+#: Keys per ListObjectsV2 page (S3's maximum; tests lower it to exercise pagination).
+S3_PAGE_SIZE = 1000
+
 _S3 = "s3://"
 _FILE = "file://"
 
@@ -204,7 +207,7 @@ def _iter_s3(uri: str) -> Iterator[FileEntry]:
         key += "/"
     found = False
     paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=key):
+    for page in paginator.paginate(Bucket=bucket, Prefix=key, PaginationConfig={"PageSize": S3_PAGE_SIZE}):
         for obj in page.get("Contents", ()):
             k = obj["Key"]
             if k.endswith("/") or any(part.startswith(".") for part in k[len(key):].split("/")):
@@ -313,7 +316,7 @@ def list_subdirs(uri: str) -> list[str]:
         key = key.rstrip("/") + "/" if key else ""
         names = []
         paginator = s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+        for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/", PaginationConfig={"PageSize": S3_PAGE_SIZE}):
             for cp in page.get("CommonPrefixes", ()):
                 names.append(cp["Prefix"][len(key):].rstrip("/"))
         return sorted(names)

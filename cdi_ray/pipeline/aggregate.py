@@ -109,19 +109,13 @@ def gather(job: AuditJob, rows: dict[str, int], status: list[str], errors: list[
 
 
 class AuditAggregator:
-    """Runs groups of audits that share a store partition (wrapped as a Ray actor by ``run.py``).
+    """Runs groups of audits that share a store partition (wrapped as a Ray actor by ``run.py``)."""
 
-    Args:
-        store_root (`str`): the feature store.
-    """
-
-    def __init__(self, store_root: str):
-        self.store = FeatureStore(store_root)
-
-    def run_group(self, fingerprint: str, key: str, columns: list[str], jobs: list[AuditJob]) -> list[AuditOutcome]:
+    def run_group(self, store_root: str, fingerprint: str, key: str, columns: list[str], jobs: list[AuditJob]) -> list[AuditOutcome]:
+        """Read the partition's rows the group needs once, then run each audit on them."""
         needed = {r.content_hash for j in jobs for r in (*j.published, *j.unpublished) if r.content_hash}
         try:
-            table = self.store.read(fingerprint, key, needed)
+            table = FeatureStore(store_root).read(fingerprint, key, needed)
         except Exception as exc:  # noqa: BLE001 — the whole group fails, with its reason
             msg = f"cannot read features from the store: {type(exc).__name__}: {exc}"
             return [AuditOutcome(j.audit_id, "failed", error=msg) for j in jobs]

@@ -9,8 +9,9 @@ Steps (each logged with its counts):
 4. **plan**: per model and feature config, the content hashes the audits need minus those the
    store holds (:mod:`cdi_ray.pipeline.plan`);
 5. **compute** per model: one Ray Data stream read → decode → ``FeatureActor`` pool → store
-   (:mod:`cdi_ray.pipeline.actors`); streams run one model after another, each with its own
-   autoscaling actor pool, so a cluster's GPUs are never split between two models' pools;
+   (:mod:`cdi_ray.pipeline.actors`), each model with its own autoscaling actor pool; up to
+   ``MAX_CONCURRENT_MODELS`` streams run at once (driver threads), so one model's start-up and
+   tail overlap another's steady state;
 6. **aggregate**: audit groups (one store partition each) on aggregator actors
    (:mod:`cdi_ray.pipeline.aggregate`);
 7. **results**: FDR across the batch, verdicts, files (:mod:`cdi_ray.pipeline.results`).
@@ -25,6 +26,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
@@ -49,8 +51,14 @@ DECODE_BATCH = 64
 WRITE_BATCH = 4096
 #: Rows per input block of the streams (more blocks → more parallel tasks).
 ROWS_PER_BLOCK = 256
+#: Model streams in flight at once: two overlap one model's start-up (actor launch, weight
+#: load) and tail with the other's steady state; each stream has its own actor pool.
+MAX_CONCURRENT_MODELS = 2
 #: Aggregator actors at most; each holds one store partition's needed rows at a time.
 MAX_AGGREGATORS = 4
+#: One more aggregator per this many audits (a test takes ~10 ms on small sets; an actor's
+#: start-up and imports take seconds).
+AUDITS_PER_AGGREGATOR = 64
 #: Local Ray (no cluster address): a few logical CPUs more than this box has physical cores,
 #: because a read → decode → actor → write stream deadlocks on 2 logical CPUs.
 LOCAL_NUM_CPUS = 8
@@ -67,6 +75,24 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False)
+
+
+_POOL: dict = {}
+
+
+def aggregator_pool(n: int) -> list:
+    """``n`` aggregator actors, reused across ``run_manifest`` calls of this driver (each pays
+    its imports once); the pool is dropped when Ray is re-initialised or an actor failed."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    if _POOL.get("job") != job:
+        _POOL.clear()
+        _POOL.update(job=job, actors=[])
+    Aggregator = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(AuditAggregator)
+    while len(_POOL["actors"]) < n:
+        _POOL["actors"].append(Aggregator.remote())
+    return _POOL["actors"][:n]
 
 
 def _blocks(n: int) -> int:
@@ -211,7 +237,8 @@ def _refs(files, uri_hash: dict[str, str], read_errors: dict[str, str], transien
 # the whole batch
 # ----------------------------------------------------------------------------------------------
 def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: str | None = None,
-                 rehash: bool = False, max_aggregators: int = MAX_AGGREGATORS, write: bool = True) -> BatchResult:
+                 rehash: bool = False, max_aggregators: int = MAX_AGGREGATORS,
+                 max_concurrent_models: int = MAX_CONCURRENT_MODELS, write: bool = True) -> BatchResult:
     """Run every audit of ``manifest``; write results under ``out`` (default ``manifest.output``).
 
     Args:
@@ -223,6 +250,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             re-read every image (e.g. after objects were rewritten in place with the same size
             and mtime).
         max_aggregators (`int`, *optional*): most aggregator actors.
+        max_concurrent_models (`int`, *optional*): model streams run at the same time.
         write (`bool`, *optional*, defaults to True): write the results files.
 
     Returns:
@@ -308,21 +336,26 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     t0 = time.time()
     compute: dict[str, dict] = {}
     transient: dict[str, str] = {}
-    for name in sorted(work):
-        spec = manifest.models[name]
+
+    def one_model(name):
         log.info("model %s: computing %d images", name, len(work[name]))
-        try:
-            counts = compute_features(spec, infos[name], work[name], configs, columns, store_root)
-        except Exception as exc:  # noqa: BLE001 — e.g. the model fails to load in the actor
-            cause = getattr(exc, "cause", None) or exc
-            reason = f"feature computation for model {name!r} failed: {type(cause).__name__}: {cause}"
-            log.error(reason)
-            for a in manifest.audits:
-                if a.model == name and a.id not in failures:
-                    failures[a.id] = reason
-            continue
-        transient.update(counts.pop("transient_errors"))
-        compute[name] = counts
+        return compute_features(manifest.models[name], infos[name], work[name], configs, columns, store_root)
+
+    with ThreadPoolExecutor(max(1, min(max_concurrent_models, len(work)))) as pool:
+        futures = {name: pool.submit(one_model, name) for name in sorted(work)}
+        for name, fut in futures.items():
+            try:
+                counts = fut.result()
+            except Exception as exc:  # noqa: BLE001 — e.g. the model fails to load in the actor
+                cause = getattr(exc, "cause", None) or exc
+                reason = f"feature computation for model {name!r} failed: {type(cause).__name__}: {cause}"
+                log.error(reason)
+                for a in manifest.audits:
+                    if a.model == name and a.id not in failures:
+                        failures[a.id] = reason
+                continue
+            transient.update(counts.pop("transient_errors"))
+            compute[name] = counts
     lap("compute", t0)
 
     # 6. aggregate
@@ -339,11 +372,10 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
                        a.test.procedure, a.test.alpha, a.seed, dict(a.test.options))
         groups[(fingerprints[a.model], audit_key[a.id])].append(job)
     if groups:
-        n_actors = max(1, min(max_aggregators, len(groups)))
-        Aggregator = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(AuditAggregator)
-        actors = [Aggregator.remote(store_root) for _ in range(n_actors)]
+        n_audits = sum(len(j) for j in groups.values())
+        actors = aggregator_pool(min(max_aggregators, len(groups), -(-n_audits // AUDITS_PER_AGGREGATOR)))
         order = sorted(groups, key=lambda g: -len(groups[g]))
-        pending = {actors[i % n_actors].run_group.remote(fp, key, columns[key], groups[(fp, key)]): (fp, key)
+        pending = {actors[i % len(actors)].run_group.remote(store_root, fp, key, columns[key], groups[(fp, key)]): (fp, key)
                    for i, (fp, key) in enumerate(order)}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -352,10 +384,9 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
                 for o in ray.get(ready[0]):
                     outcomes[o.audit_id] = o
             except Exception as exc:  # noqa: BLE001 — the group's audits fail, the others go on
+                _POOL.clear()  # do not reuse a pool that lost an actor
                 for job in groups[group]:
                     outcomes[job.audit_id] = AuditOutcome(job.audit_id, "failed", error=f"aggregator failed: {exc}")
-        for actor in actors:
-            ray.kill(actor)
     lap("aggregate", t0)
 
     # 7. results
@@ -384,7 +415,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
                    "unreadable": len(read_errors)},
         "features": {
             "needed": needed_total,
-            "to_compute": sum(len(w) for w in work.values()),
+            "to_compute": sum(len(w.config_hashes) for ws in work.values() for w in ws),
             "computed": sum(c["computed"] for c in compute.values()),
             "decode_errors": sum(c["errors"] for c in compute.values()),
             "transient_errors": sum(c["transient"] for c in compute.values()),
