@@ -36,6 +36,9 @@ __all__ = ["SequentialPValue", "sequential_permutation_pvalue", "RidgeCrossFit",
 # rows into blocks (see auto_block_size) so one permutation costs O(MAX_UNITS·k) instead of
 # O(N·k); 4096 keeps a 20k+20k audit with 10k permutations near one second on 2 CPU cores.
 MAX_UNITS = 4096
+# Statistics within this relative distance of the observed one count as ties (scipy's
+# permutation_test does the same with 100·eps); ties count against H1, so this is conservative.
+RELATIVE_TIE_TOLERANCE = 1e-9
 # Bound on the (chunk × units) label matrix, in elements (8 bytes each): 32 MiB.
 MAX_CHUNK_ELEMENTS = 4_000_000
 
@@ -107,14 +110,18 @@ def sequential_permutation_pvalue(draw, t_obs: float, *, h: int = 10, max_permut
 
     Each tail applies Besag & Clifford's rule to the same stream of i.i.d. draws; statistics
     beyond a tail's stopping point are ignored for that tail, so both p-values are exactly
-    valid: P(p ≤ a) ≤ a under H0 for every a. Ties and NaN statistics count as exceedances
-    (conservative).
+    valid: P(p ≤ a) ≤ a under H0 for every a. Ties (within a relative ``RELATIVE_TIE_TOLERANCE``,
+    so rounding cannot break them) and NaN statistics count as exceedances (conservative).
     """
     if h < 1 or max_permutations < h or max_permutations_reverse < 1:
         raise ValueError(f"need h ≥ 1 and max_permutations ≥ h; got h={h}, "
                          f"max_permutations={max_permutations}, max_permutations_reverse={max_permutations_reverse}")
     if not np.isfinite(t_obs):
         return SequentialPValue(1.0, 1.0, 0, 0, False, 0, float("nan"), float("nan"))
+    # Permutations that tie with the observed labels mathematically (e.g. the identity, likely
+    # when n is small) may differ from t_obs by rounding (BLAS sums a 1-row and a B-row product
+    # in different orders); count anything within a relative 1e-9 as a tie, i.e. an exceedance.
+    tie_tol = RELATIVE_TIE_TOLERANCE * max(1.0, abs(t_obs))
     c_up = c_lo = 0
     L_up = L_lo = None
     up_done = lo_done = False
@@ -128,10 +135,10 @@ def sequential_permutation_pvalue(draw, t_obs: float, *, h: int = 10, max_permut
         finite = np.isfinite(t)
         s1 += float(t[finite].sum()); s2 += float((t[finite] ** 2).sum()); n_finite += int(finite.sum())
         if not up_done:
-            c_up, L, up_done = _tail_update(~(t < t_obs), c_up, drawn, h, max_permutations)
+            c_up, L, up_done = _tail_update(~(t < t_obs - tie_tol), c_up, drawn, h, max_permutations)
             L_up = L if L is not None else L_up
         if not lo_done:
-            c_lo, L, lo_done = _tail_update(~(t > t_obs), c_lo, drawn, h, max_permutations_reverse)
+            c_lo, L, lo_done = _tail_update(~(t > t_obs + tie_tol), c_lo, drawn, h, max_permutations_reverse)
             L_lo = L if L is not None else L_lo
         drawn += size
         chunk *= 2

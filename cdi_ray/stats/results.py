@@ -67,6 +67,8 @@ class TestResult:
         options (`dict`): procedure options actually used (defaults filled in).
     """
 
+    __test__ = False  # not a pytest test class, despite the name
+
     procedure: str
     pvalue: float
     statistic: float
