@@ -32,6 +32,45 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from cdi_ray.spec import load_manifest
+
+    m = load_manifest(args.manifest)
+    print(f"{args.manifest}: valid — {len(m.models)} model(s), {len(m.audits)} audit(s), output {m.output}")
+    return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cdi_ray.pipeline.run import ensure_ray, run_manifest
+    from cdi_ray.spec import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    ensure_ray(args.address, num_cpus=args.num_cpus)
+    batch = run_manifest(manifest, args.out, feature_store=args.feature_store)
+    s = batch.summary
+    print(f"{s['audits']} audits: {s['done']} done, {s['failed']} failed — "
+          f"used {s['used']}, not detected {s['not_detected']}, inconclusive {s['inconclusive']}")
+    print(f"results: {batch.output}")
+    return batch.exit_code
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cdi_ray.demo.audit import DEFAULT_N, run_demo
+
+    args.n = args.n or DEFAULT_N
+    print(f"auditing the embedded Fashion-MNIST collections ({args.n} images each) against the demo models 'easy' and 'hard' …",
+          flush=True)
+    res = run_demo(args.out, n=args.n, preset=args.preset, seed=args.seed)
+    print(res["table"])
+    print(f"\nresults: {res['output']}   manifest: {res['manifest']}")
+    if not res["never_false_used"]:
+        print("error: a held-out-vs-held-out audit said `used` — this is a bug, please report it", file=sys.stderr)
+        return EXIT_INTERNAL
+    if not res["all_expected"]:
+        print("note: some verdicts differ from the expected ones (see the table)", file=sys.stderr)
+    return res["exit_code"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdi-ray",
@@ -51,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
     p.set_defaults(run=_cmd_features)
+
+    p = sub.add_parser("validate", help="check a manifest without running it",
+                       description="Validate a manifest (YAML or JSON, local or s3://): keys, types, model names, feature and test settings.")
+    p.add_argument("manifest", help="manifest file (local path or s3:// URI)")
+    p.set_defaults(run=_cmd_validate)
+
+    p = sub.add_parser("audit", help="run every audit of a manifest (local Ray, or the cluster at $RAY_ADDRESS)",
+                       description="Run a batch of audits: features through Ray Data actor pools, the calibrated test, FDR across the batch.")
+    p.add_argument("manifest", help="manifest file (local path or s3:// URI)")
+    p.add_argument("--out", help="output location overriding the manifest's `output`")
+    p.add_argument("--feature-store", help="feature store location (default: the manifest's, else <output>/features)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(8, cores))")
+    p.set_defaults(run=_cmd_audit)
+
+    p = sub.add_parser("demo", help="audit the embedded Fashion-MNIST collections against the two shipped demo models",
+                       description="Materialise the bundled collections as image files, run the audit pipeline on them, print the verdicts.")
+    p.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
+    p.add_argument("--n", type=int, default=None, help="images per collection (default: cdi_ray.demo.audit.DEFAULT_N)")
+    p.add_argument("--preset", default="white-box", choices=["white-box", "gray-box"], help="feature preset (default: white-box)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets and of every feature draw (default: 0)")
+    p.set_defaults(run=_cmd_demo)
     return parser
 
 
@@ -83,6 +144,10 @@ def _is_user_error(exc: Exception) -> bool:
     from cdi_ray.models.base import ModelLoadError
 
     if isinstance(exc, ModelLoadError):
+        return True
+    from cdi_ray.spec import ManifestError
+
+    if isinstance(exc, ManifestError):
         return True
     try:
         from cdi_ray.images import ImageError
