@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -28,14 +27,19 @@ JOB_TIMEOUT_S = 420
 
 
 def _session_pids(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``."""
     pids = []
     for d in os.listdir("/proc"):
-        if d.isdigit():
+        if d.isdigit() and int(d) != os.getpid():
             try:
-                if os.getsid(int(d)) == sid and int(d) != os.getpid():
-                    pids.append(int(d))
+                if os.getsid(int(d)) != sid:
+                    continue
+                with open(f"/proc/{d}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
             except OSError:
-                pass
+                continue
+            if state != "Z":
+                pids.append(int(d))
     return pids
 
 

@@ -26,7 +26,7 @@ from cdi_ray.pipeline.nightly import run_nightly
 from cdi_ray.pipeline.results import diff_markdown, diff_results
 from cdi_ray.pipeline.run import run_manifest
 from cdi_ray.pipeline.store import FeatureStore
-from cdi_ray.spec import load_manifest, parse_manifest
+from cdi_ray.spec import parse_manifest
 from _pipeline_helpers import env, moto_s3, write_images
 
 # Small per-feature settings keep the tiny models fast; the full gray-box column set is kept.

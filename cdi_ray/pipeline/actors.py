@@ -12,7 +12,9 @@ Stream per model (``run.py`` wires it)::
 ``process`` maps a column batch to feature rows) and is unit-testable alone;
 :class:`FeatureActor` adapts it to ``map_batches`` and checks that output rows map one-to-one
 onto (input row, config) pairs by content hash. Images are decoded and preprocessed in CPU
-tasks, not in the actor, so GPU actors only run the model.
+tasks, not in the actor, so GPU actors only run the model. (Ray Data fuses a task stage into the
+next actor stage when their resources match: with ``num_gpus: 0`` the decode runs inside the CPU
+feature actors, which saves a copy; with GPUs the stages differ and decode stays in CPU tasks.)
 
 Row statuses: ``ok``; ``error`` — a property of the bytes (undecodable, too small…), stored so
 re-runs do not retry it; ``transient`` — could not read or the object changed since planning,
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -240,9 +241,6 @@ class FeatureStage:
                     out.append((hashes[i], key, status[i], errors[i] or "failed", None))
         return out
 
-    def columns(self) -> dict[str, list[str]]:
-        return {key: list(ex.columns) for key, ex in self.extractors.items()}
-
 
 class FeatureActor:
     """``map_batches`` adapter: ``FeatureStage`` loaded in ``__init__``, one call per batch.
@@ -313,6 +311,3 @@ def write_batch(table: pa.Table, *, store_root: str, fingerprint: str, columns: 
         store.write(fingerprint, key, pa.table(arrays))
     return table.select(["content_hash", "cfg", "status", "error", "actor"]).cast(SUMMARY_SCHEMA)
 
-
-def columns_json(columns: dict[str, list[str]]) -> str:
-    return json.dumps(columns, sort_keys=True)

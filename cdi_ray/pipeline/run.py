@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
-import pyarrow as pa
 
 from cdi_ray import storage
 from cdi_ray.pipeline import plan as planning
@@ -85,7 +84,8 @@ def aggregator_pool(n: int) -> list:
     its imports once); the pool is dropped when Ray is re-initialised or an actor failed."""
     import ray
 
-    job = ray.get_runtime_context().get_job_id()
+    ctx = ray.get_runtime_context()
+    job = (ctx.get_session_name(), ctx.get_job_id())  # a new Ray (even one reusing job ids) → a new pool
     if _POOL.get("job") != job:
         _POOL.clear()
         _POOL.update(job=job, actors=[])

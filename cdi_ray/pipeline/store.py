@@ -92,21 +92,27 @@ class FeatureStore:
             return []
 
     # -- reading -----------------------------------------------------------------------------
-    def _tables(self, fingerprint: str, config_hash: str, columns: list[str] | None) -> list[pa.Table]:
+    def _tables(self, fingerprint: str, config_hash: str, columns: list[str] | None,
+                hashes: pa.Array | None = None) -> list[pa.Table]:
+        """Valid part files of a partition, each restricted to ``hashes`` when given (so memory
+        follows the rows needed, not the partition's size)."""
         files = self.part_files(fingerprint, config_hash)
         if not files:
             return []
-        with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
-            tables = list(pool.map(lambda f: _read_table(f, columns), files))
-        good = []
-        for f, t in zip(files, tables):
+
+        def load(f):
+            t = _read_table(f, columns)
             if t is None:
-                continue
+                return None
             if not _belongs(t, fingerprint, config_hash):
                 log.warning("ignoring feature-store file %s: its rows belong to another partition", f)
-                continue
-            good.append(t)
-        return good
+                return None
+            if hashes is not None:
+                t = t.filter(pc.is_in(t.column("content_hash"), value_set=hashes))
+            return t
+
+        with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
+            return [t for t in pool.map(load, files) if t is not None]
 
     def keys(self, fingerprint: str, config_hash: str) -> set[str]:
         """Content hashes with a stored row (ok or a cached decode error)."""
@@ -118,13 +124,11 @@ class FeatureStore:
 
     def read(self, fingerprint: str, config_hash: str, hashes: Iterable[str] | None = None) -> pa.Table | None:
         """Stored rows, one per content hash (restricted to ``hashes`` when given); None if empty."""
-        tables = self._tables(fingerprint, config_hash, None)
+        wanted = None if hashes is None else pa.array(sorted(set(hashes)), pa.string())
+        tables = self._tables(fingerprint, config_hash, None, wanted)
         if not tables:
             return None
-        table = pa.concat_tables(tables, promote_options="default")
-        if hashes is not None:
-            table = table.filter(pc.is_in(table.column("content_hash"), value_set=pa.array(sorted(set(hashes)), pa.string())))
-        return dedupe(table)
+        return dedupe(pa.concat_tables(tables, promote_options="default"))
 
     # -- writing -----------------------------------------------------------------------------
     def write(self, fingerprint: str, config_hash: str, table: pa.Table) -> str:
