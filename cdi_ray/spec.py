@@ -76,6 +76,19 @@ Source = Annotated[
 ]
 
 
+_SUPPORTED = ("s3://", "file://")
+
+
+def _check_uri(value: str) -> str:
+    """Local paths, ``file://`` and ``s3://`` only (other schemes fail here, not mid-run)."""
+    if "://" in value and not value.startswith(_SUPPORTED):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"unsupported scheme '{scheme}://' in {value!r} — use a local path, file:// or s3://")
+    if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
+        raise ValueError(f"{value!r} names no bucket — write s3://BUCKET/PREFIX")
+    return value
+
+
 def _check_source(value: Any, field: str) -> Any:
     if isinstance(value, str) and not value.strip():
         raise ValueError(f"{field} must not be empty; give a folder/prefix, a list of URIs or {{list_file: URI}}")
@@ -83,6 +96,8 @@ def _check_source(value: Any, field: str) -> Any:
         raise ValueError(f"{field} is an empty list; give at least one image URI")
     if isinstance(value, list) and any((not isinstance(v, str)) or not v.strip() for v in value):
         raise ValueError(f"{field} must list non-empty URI strings")
+    for uri in (value if isinstance(value, list) else [value.list_file] if isinstance(value, ListFile) else [value]):
+        _check_uri(uri)
     return value
 
 
@@ -102,6 +117,11 @@ class ModelSpec(_Spec):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when num_gpus > 0, else cpu")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weight dtype; non-float32 also runs f under autocast")
     options: dict[str, Any] = Field(default_factory=dict, description="family options for the loader, e.g. {missing_label: null}")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v):
+        return _check_uri(v)
 
     @model_validator(mode="after")
     def _pool(self) -> "ModelSpec":
@@ -174,6 +194,11 @@ class Manifest(_Spec):
     output: str = Field(min_length=1, description="folder or s3:// prefix for results")
     feature_store: str | None = Field(None, description="feature store location; default <output>/features")
     fdr: FdrSpec = Field(default_factory=FdrSpec)
+
+    @field_validator("output", "feature_store")
+    @classmethod
+    def _locations(cls, v):
+        return v if v is None else _check_uri(v)
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Manifest":

@@ -77,6 +77,7 @@ def manifest_dict(models, data, out):
         "models": {
             "m1": {"uri": models["m1"], "access": "gray-box", "batch_size": 8, "max_replicas": 2},
             "m2": {"uri": models["m2"], "access": "gray-box", "batch_size": 16},
+            "m3": {"uri": str(data / "u"), "access": "gray-box"},  # a folder of images, not a model
         },
         "audits": [
             {"id": "a1", "model": "m1", "published": str(data / "p1"), "unpublished": str(data / "u"), **common},
@@ -85,6 +86,7 @@ def manifest_dict(models, data, out):
             {"id": "a4", "model": "m1", "published": str(data / "missing"), "unpublished": str(data / "u"), **common},
             {"id": "a5", "model": "m1", "published": sorted(str(p) for p in (data / "p2").iterdir()),
              "unpublished": str(data / "u"), "seed": 1, **common},
+            {"id": "a6", "model": "m3", "published": str(data / "p1"), "unpublished": str(data / "u"), **common},
         ],
         "output": str(out),
     }
@@ -102,9 +104,10 @@ def test_batch_dedup_reuse_and_crash_safety(ray_local, models, data, tmp_path):
     # 1. first run: every (image content, model, config) computed exactly once
     b = run_manifest(m)
     by_id = {a["audit_id"]: a for a in b.audits}
-    assert [a["status"] for a in b.audits] == ["done", "done", "done", "failed", "done"]
+    assert [a["status"] for a in b.audits] == ["done", "done", "done", "failed", "done", "failed"]
     assert b.exit_code == 3
     assert "missing" in by_id["a4"]["error"] and by_id["a4"]["verdict"] == "inconclusive"
+    assert "model 'm3'" in by_id["a6"]["error"] and "cannot be used" in by_id["a6"]["error"]
     feats = b.run["features"]
     # m1 seed 0 (a1, a3): U 10 + P1 10 + P2 8 distinct decodable contents (+1 undecodable);
     # m1 seed 1 (a5): P2 9 + U 10; m2 (a2): U 10 + P1 10 (+1 undecodable)
@@ -133,10 +136,10 @@ def test_batch_dedup_reuse_and_crash_safety(ray_local, models, data, tmp_path):
 
     # files
     res = json.loads((out / "results.json").read_text())
-    assert res["summary"] == {"audits": 5, "done": 4, "failed": 1, "used": res["summary"]["used"],
+    assert res["summary"] == {"audits": 6, "done": 4, "failed": 2, "used": res["summary"]["used"],
                               "not_detected": res["summary"]["not_detected"], "inconclusive": res["summary"]["inconclusive"]}
     table = pq.read_table(out / "results.parquet")
-    assert table.column("audit_id").to_pylist() == ["a1", "a2", "a3", "a4", "a5"]
+    assert table.column("audit_id").to_pylist() == ["a1", "a2", "a3", "a4", "a5", "a6"]
     for col in ("status", "verdict", "p_value", "p_adjusted", "n_published", "n_unpublished", "error"):
         assert col in table.column_names
     images = pq.read_table(out / "images.parquet")

@@ -167,3 +167,14 @@ def test_example_manifests_validate():
     assert files, "examples/manifests/*.yaml"
     for f in files:
         load_manifest(f)
+
+
+def test_unsupported_locations_fail_at_load_not_mid_run():
+    data = base(published="gs://b/p", unpublished=["s3:///x.png"])
+    data["models"]["m"]["uri"] = "gs://x/m"
+    data["output"] = "hdfs://o"
+    p = problems(data)
+    assert "models.m.uri: unsupported scheme 'gs://' in 'gs://x/m' — use a local path, file:// or s3://" in p
+    assert "output: unsupported scheme 'hdfs://' in 'hdfs://o' — use a local path, file:// or s3://" in p
+    assert any(s.startswith("audits[0].published: unsupported scheme 'gs://'") for s in p)
+    assert "audits[0].unpublished: 's3:///x.png' names no bucket — write s3://BUCKET/PREFIX" in p
