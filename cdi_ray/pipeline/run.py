@@ -42,9 +42,9 @@ from cdi_ray.spec import Manifest
 
 log = logging.getLogger(__name__)
 
-#: Images per hashing / decoding task call: big enough to amortise task overhead, small enough
-#: that a block of decoded 512×512×3 float32 images stays ~200 MB.
+#: Images per hashing task call: enough to amortise a task's overhead (hashing is I/O-bound).
 HASH_BATCH = 256
+#: Images per decoding task call: a batch of decoded 512×512×3 float32 images stays ~200 MB.
 DECODE_BATCH = 64
 #: Rows per feature-store part file (features are ~26 floats a row: 4096 rows ≈ 1 MB).
 WRITE_BATCH = 4096
