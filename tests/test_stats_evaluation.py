@@ -60,6 +60,10 @@ def test_default_grid_and_errors(pools):
     assert np.isfinite(curve.pvalues[-1, 0])
     with pytest.raises(ValueError, match="n=1000 needs 1000 members"):
         mean_pvalue_curve(members, nonmembers, ns=[1000], repeats=1)
+    bad = members.copy()
+    bad[4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"members has 1 row\(s\) containing NaN"):
+        mean_pvalue_curve(bad, nonmembers, ns=[10], repeats=1)
 
 
 def test_mia_table_direction_and_values():

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import stats as st
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .procedures import DEFAULT_PROCEDURE, run_test
+from .procedures import DEFAULT_PROCEDURE, run_test, validate_features
 from .results import json_safe
 
 __all__ = ["N_GRID", "MIX_GRID", "U_RATIO_GRID", "PValueCurve", "mean_pvalue_curve", "minimum_samples",
@@ -94,9 +94,10 @@ def mean_pvalue_curve(members, nonmembers, unpublished=None, ns=None, repeats: i
         mix_r (`float` in [0, 1]): share of non-members in P.
         seed (`int`): root seed; audit (n, j) uses an independent child seed.
     """
-    members = np.asarray(members, dtype=np.float64)
-    nonmembers = np.asarray(nonmembers, dtype=np.float64)
-    pool_u = None if unpublished is None else np.asarray(unpublished, dtype=np.float64)
+    # pools are validated once here, so errors caught per audit below can only be size limits
+    members, nonmembers = validate_features(members, nonmembers, min_per_group=1, names=("members", "nonmembers"))
+    pool_u = (None if unpublished is None else
+              validate_features(members, unpublished, min_per_group=1, names=("members", "unpublished"))[1])
     if not 0.0 <= mix_r <= 1.0:
         raise ValueError(f"mix_r must be in [0, 1]; got {mix_r!r}")
     if not ratio_u > 0:
@@ -187,6 +188,8 @@ def mia_table(features_members, features_nonmembers, names=None, *, fpr: float =
 
     TPR at FPR = ``fpr``: the largest TPR over ROC thresholds whose FPR ≤ ``fpr`` (the score
     is −feature, member = positive class). AUC > 0.5 means members have lower values.
+    Non-finite entries are dropped feature by feature (a failed extraction of one feature
+    should not remove the image from the other features' rows).
 
     Args:
         features_members (`ndarray` of shape (n_m, k) or (n_m,)): features of members.

@@ -102,14 +102,15 @@ def _as_features(x, name: str) -> np.ndarray:
     return arr
 
 
-def validate_features(published, unpublished, *, min_per_group: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def validate_features(published, unpublished, *, min_per_group: int = 2,
+                      names: tuple[str, str] = ("published", "unpublished")) -> tuple[np.ndarray, np.ndarray]:
     """Check and convert the two feature matrices; raise with the input's name and the fix."""
-    P = _as_features(published, "published")
-    U = _as_features(unpublished, "unpublished")
+    P = _as_features(published, names[0])
+    U = _as_features(unpublished, names[1])
     if P.shape[1] != U.shape[1]:
-        raise ValueError(f"published has {P.shape[1]} features per sample but unpublished has {U.shape[1]}; "
+        raise ValueError(f"{names[0]} has {P.shape[1]} features per sample but {names[1]} has {U.shape[1]}; "
                          f"both must come from the same feature configuration (same columns, same order)")
-    for name, arr in (("published", P), ("unpublished", U)):
+    for name, arr in zip(names, (P, U)):
         if len(arr) < min_per_group:
             raise ValueError(f"{name} has {len(arr)} samples; this procedure needs at least {min_per_group} "
                              f"per collection — add samples or pick another procedure")
