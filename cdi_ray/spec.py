@@ -155,6 +155,18 @@ class TestSpec(_Spec):
     min_samples: int | None = Field(None, ge=1, description="fewer usable images per side → inconclusive; default: cdi_ray.stats.MIN_SAMPLES")
 
 
+class ControlsSpec(_Spec):
+    """Distribution-shift guards run with every audit (docs/VERDICTS.md).
+
+    On by default. Turn one off for the whole batch with ``controls: {model_free: false}`` at the
+    top of the manifest, or for one audit with the same key inside that audit (an audit's own
+    ``controls`` replaces the batch's).
+    """
+
+    model_free: bool = Field(True, description="run the model-free control (image descriptors alone must not separate P from U)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="level of the controls, per audit and uncorrected (firing more is the safe side)")
+
+
 class AuditSpec(_Spec):
     """One collection audited against one model."""
 
@@ -168,6 +180,7 @@ class AuditSpec(_Spec):
         default_factory=dict, description="per-feature hyper-parameters, e.g. {ml: {timesteps: [0, 500]}}"
     )
     test: TestSpec = Field(default_factory=TestSpec)
+    controls: ControlsSpec | None = Field(None, description="this audit's distribution-shift guards; default: the batch's `controls`")
     seed: int = Field(0, ge=0, description="root seed of every random draw of this audit")
 
     @field_validator("published", "unpublished", mode="after")
@@ -194,6 +207,7 @@ class Manifest(_Spec):
     output: str = Field(min_length=1, description="folder or s3:// prefix for results")
     feature_store: str | None = Field(None, description="feature store location; default <output>/features")
     fdr: FdrSpec = Field(default_factory=FdrSpec)
+    controls: ControlsSpec = Field(default_factory=ControlsSpec, description="distribution-shift guards of every audit (on by default)")
 
     @field_validator("output", "feature_store")
     @classmethod
@@ -245,6 +259,10 @@ class Manifest(_Spec):
     # -- derived -------------------------------------------------------------------------------
     def preset_of(self, audit: AuditSpec) -> str:
         return audit.preset or self.models[audit.model].access
+
+    def controls_of(self, audit: AuditSpec) -> ControlsSpec:
+        """The audit's own ``controls`` if given, else the batch's."""
+        return audit.controls if audit.controls is not None else self.controls
 
     def store_uri(self, output: str | None = None) -> str:
         """Where features are kept: ``feature_store`` or ``<output>/features``."""
@@ -341,6 +359,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             cur = FdrSpec
         elif cur is AuditSpec and p == "test":
             cur = TestSpec
+        elif p == "controls" and cur in (Manifest, AuditSpec):
+            cur = ControlsSpec
         else:
             return None
         i += 1

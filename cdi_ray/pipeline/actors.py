@@ -4,6 +4,7 @@ Stream per model (``run.py`` wires it)::
 
     rows {uri, content_hash, cfgs}
       ── map_batches(decode_batch)            CPU tasks: read bytes, check hash, decode, preprocess
+                                              (+ model-free descriptors → the store, where needed)
       ── map_batches(FeatureActor, compute=ActorPoolStrategy(min, max), num_gpus=…)
       ── map_batches(write_batch)             CPU tasks: one atomic part file per batch and config
       ── summary rows {content_hash, cfg, status, error, actor}   (the driver only counts these)
@@ -136,34 +137,94 @@ def describe_model(uri: str, store_root: str, load_options: dict | None = None) 
 # ----------------------------------------------------------------------------------------------
 # stage 1: read, check, decode, preprocess (CPU tasks)
 # ----------------------------------------------------------------------------------------------
-def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int) -> dict[str, np.ndarray]:
-    """``{uri, content_hash, cfgs}`` → ``{content_hash, cfgs, image (B,C,size,size) float32, status, error}``.
+#: Store "fingerprint" of the model-free descriptor partitions (``model=_descriptors/cfg=<key>``);
+#: a real fingerprint is a sha256 hex digest, so it cannot collide.
+DESCRIPTOR_PARTITION = "_descriptors"
+
+
+def _load_one(uri: str, expected: str, size: int, channels: int):
+    """Read, re-hash, decode and preprocess one image: ``(status, error, data, image, array)``."""
+    from cdi_ray.images import ImageError, content_hash, decode_image, preprocess
+
+    try:
+        data = storage.read_bytes(uri)
+    except Exception as exc:  # noqa: BLE001 — any read failure is retried next run
+        return STATUS_TRANSIENT, f"unreadable: {type(exc).__name__}: {exc}", None, None, None
+    if content_hash(data) != expected:
+        return STATUS_TRANSIENT, "changed_since_planning: the object's bytes changed during the run", None, None, None
+    try:
+        img = decode_image(data, name=uri)
+        return STATUS_OK, "", data, img, preprocess(img, size=size, channels=channels)
+    except ImageError as exc:
+        return STATUS_ERROR, str(exc), data, None, None
+    except Exception as exc:  # noqa: BLE001 — a decoder crash is a property of these bytes
+        return STATUS_ERROR, f"undecodable: {type(exc).__name__}: {exc}", data, None, None
+
+
+def _store_descriptors(store_root: str, key: str, hashes: list[str], status: list[str], errors: list[str],
+                       values: list[dict | None]) -> None:
+    """One atomic part file of descriptor rows (``ok`` and ``error``; never ``transient``)."""
+    from cdi_ray.controls.descriptors import DESCRIPTOR_NAMES
+    from cdi_ray.pipeline.store import FeatureStore
+
+    keep = [i for i, s in enumerate(status) if s != STATUS_TRANSIENT]
+    if not keep:
+        return
+    arrays = {
+        "content_hash": pa.array([hashes[i] for i in keep], pa.string()),
+        "model_fingerprint": pa.array([DESCRIPTOR_PARTITION] * len(keep), pa.string()),
+        "config_hash": pa.array([key] * len(keep), pa.string()),
+        "status": pa.array([status[i] for i in keep], pa.string()),
+        "error": pa.array([errors[i] or None for i in keep], pa.string()),
+    }
+    for name in DESCRIPTOR_NAMES:
+        arrays[name] = pa.array([values[i][name] if values[i] is not None else np.nan for i in keep], pa.float64())
+    FeatureStore(store_root).write(DESCRIPTOR_PARTITION, key, pa.table(arrays))
+
+
+def _descriptors_or_error(data, img, arr) -> tuple[dict | None, str]:
+    from cdi_ray.controls.descriptors import image_descriptors
+
+    try:
+        return image_descriptors(data, img, arr), ""
+    except Exception as exc:  # noqa: BLE001 — a property of these bytes; the control reports it
+        return None, f"descriptors_failed: {type(exc).__name__}: {exc}"
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int,
+                 descriptors: dict | None = None) -> dict[str, np.ndarray]:
+    """``{uri, content_hash, cfgs[, desc]}`` → ``{content_hash, cfgs, image (B,C,size,size) float32, status, error}``.
 
     The bytes are re-hashed: an object rewritten since planning must not be stored under the
     old hash (status ``transient``; the next run sees the new hash).
-    """
-    from cdi_ray.images import ImageError, content_hash, decode_image, preprocess
 
+    ``descriptors`` (``{"store_root", "key"}``): for the rows whose ``desc`` column is set, the
+    model-free descriptors (:mod:`cdi_ray.controls.descriptors`) are computed here, from the bytes,
+    decoded image and preprocessed array this stage holds anyway, and published to the store's
+    descriptor partition ``key`` (one atomic part file per batch).
+    """
     n = len(batch["uri"])
     images = np.zeros((n, channels, size, size), dtype=np.float32)
     status = np.full(n, STATUS_OK, dtype=object)
     errors = np.full(n, "", dtype=object)
+    want = [bool(d) for d in batch["desc"]] if descriptors and "desc" in batch else [False] * n
+    d_rows: list[int] = []
+    d_values: list[dict | None] = []
+    d_status: list[str] = []
+    d_errors: list[str] = []
     for i, (uri, expected) in enumerate(zip(batch["uri"], batch["content_hash"])):
-        try:
-            data = storage.read_bytes(str(uri))
-        except Exception as exc:  # noqa: BLE001 — any read failure is retried next run
-            status[i], errors[i] = STATUS_TRANSIENT, f"unreadable: {type(exc).__name__}: {exc}"
-            continue
-        if content_hash(data) != expected:
-            status[i], errors[i] = STATUS_TRANSIENT, "changed_since_planning: the object's bytes changed during the run"
-            continue
-        try:
-            img = decode_image(data, name=str(uri))
-            images[i] = preprocess(img, size=size, channels=channels)
-        except ImageError as exc:
-            status[i], errors[i] = STATUS_ERROR, str(exc)
-        except Exception as exc:  # noqa: BLE001 — a decoder crash is a property of these bytes
-            status[i], errors[i] = STATUS_ERROR, f"undecodable: {type(exc).__name__}: {exc}"
+        status[i], errors[i], data, img, arr = _load_one(str(uri), str(expected), size, channels)
+        if arr is not None:
+            images[i] = arr
+        if want[i]:
+            values, err = _descriptors_or_error(data, img, arr) if status[i] == STATUS_OK else (None, errors[i])
+            d_rows.append(i)
+            d_values.append(values)
+            d_status.append(STATUS_OK if values is not None else status[i] if status[i] != STATUS_OK else STATUS_ERROR)
+            d_errors.append(err)
+    if d_rows:
+        _store_descriptors(descriptors["store_root"], descriptors["key"], [str(batch["content_hash"][i]) for i in d_rows],
+                           d_status, d_errors, d_values)
     return {
         "content_hash": np.asarray(batch["content_hash"], dtype=object),
         "cfgs": np.asarray(batch["cfgs"], dtype=object),
@@ -171,6 +232,25 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int) -> d
         "status": status,
         "error": errors,
     }
+
+
+def describe_batch(batch: dict[str, np.ndarray], *, size: int, channels: int, store_root: str, key: str) -> dict[str, np.ndarray]:
+    """Descriptor-only stage (images whose model features are already stored):
+    ``{uri, content_hash}`` → descriptors published to partition ``key``; returns ``{content_hash, status, error}``."""
+    hashes = [str(h) for h in batch["content_hash"]]
+    status, errors, values = [], [], []
+    for uri, expected in zip(batch["uri"], hashes):
+        st, err, data, img, arr = _load_one(str(uri), expected, size, channels)
+        v = None
+        if st == STATUS_OK:
+            v, err = _descriptors_or_error(data, img, arr)
+            st = STATUS_OK if v is not None else STATUS_ERROR
+        status.append(st)
+        errors.append(err)
+        values.append(v)
+    _store_descriptors(store_root, key, hashes, status, errors, values)
+    return {"content_hash": np.asarray(hashes, dtype=object), "status": np.asarray(status, dtype=object),
+            "error": np.asarray(errors, dtype=object)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ Each entry: ``audit_id, model, model_fingerprint, feature_key, status`` (done / 
 ``verdict`` (used / not_detected / inconclusive — a failed audit is inconclusive, with the failure
 as its reason), ``verdict_reason, p_value, p_adjusted, fdr_reject, n_published, n_unpublished,
 statistic, effect_size, auc, direction, procedure, calibrated, alpha, seed, error,
-n_unusable, unusable_images``.
+controls_fired`` (comma-separated names of the controls that fired, "" if none), ``controls``
+(per control run: ``name, fired, pvalue, alpha, reason, n_published, n_unpublished, statistic,
+auc, separating`` — the best-separating descriptors with their AUC), ``n_unusable,
+unusable_images``. The verdict policy is :func:`cdi_ray.stats.verdict` (docs/VERDICTS.md).
 
 The FDR adjustment runs over the audits that produced a p-value (failed audits are excluded);
 with ``fdr.method: none`` each audit is judged at its own alpha.
@@ -42,8 +45,10 @@ ENTRY_COLUMNS = {
     "n_published": pa.int64(), "n_unpublished": pa.int64(),
     "statistic": pa.float64(), "effect_size": pa.float64(), "auc": pa.float64(), "direction": pa.string(),
     "procedure": pa.string(), "calibrated": pa.bool_(), "alpha": pa.float64(), "seed": pa.int64(),
-    "error": pa.string(), "n_unusable": pa.int64(),
+    "error": pa.string(), "controls_fired": pa.string(), "n_unusable": pa.int64(),
 }
+#: Separating descriptors listed per control in results.json.
+TOP_DESCRIPTORS = 5
 IMAGE_COLUMNS = {"audit_id": pa.string(), "set": pa.string(), "uri": pa.string(), "content_hash": pa.string(), "reason": pa.string()}
 
 _FDR = {"bh": "benjamini_hochberg", "by": "benjamini_yekutieli", "bonferroni": "bonferroni"}
@@ -106,14 +111,16 @@ def build_entries(outcomes: list[dict], *, fdr_method: str, q: float) -> tuple[l
             kwargs: dict[str, Any] = {}
             if o.get("min_samples") is not None:
                 kwargs["min_samples"] = o["min_samples"]
+            controls = o.get("controls") or []
             if fdr_method == "none":
-                v = verdict(r, alpha=o["alpha"], **kwargs)
+                v = verdict(r, alpha=o["alpha"], controls=controls, **kwargs)
             else:
-                v = verdict(r, alpha=q, p_adjusted=1.0 if p_adj is None else p_adj, **kwargs)
+                v = verdict(r, alpha=q, p_adjusted=1.0 if p_adj is None else p_adj, controls=controls, **kwargs)
             label, reason = v.label, v.reason
         else:
             label, reason = "inconclusive", f"The audit failed and was not tested: {o['error']}"
         unusable = o.get("unusable") or []
+        controls = list(o.get("controls") or []) if r is not None else []
         entries.append({
             "audit_id": o["audit_id"],
             "model": o["model"],
@@ -136,6 +143,8 @@ def build_entries(outcomes: list[dict], *, fdr_method: str, q: float) -> tuple[l
             "alpha": float(o["alpha"]),
             "seed": int(o["seed"]),
             "error": o.get("error"),
+            "controls_fired": ",".join(c.name for c in controls if c.fired),
+            "controls": [c.to_dict(top=TOP_DESCRIPTORS) for c in controls],
             "n_unusable": len(unusable),
             "unusable_images": unusable,
         })

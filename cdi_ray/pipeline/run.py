@@ -11,9 +11,14 @@ Steps (each logged with its counts):
 5. **compute** per model: one Ray Data stream read → decode → ``FeatureActor`` pool → store
    (:mod:`cdi_ray.pipeline.actors`), each model with its own autoscaling actor pool; up to
    ``MAX_CONCURRENT_MODELS`` streams run at once (driver threads), so one model's start-up and
-   tail overlap another's steady state;
+   tail overlap another's steady state. The decode stage also computes the model-free
+   descriptors (:mod:`cdi_ray.controls.descriptors`) of images that need them, into the store's
+   descriptor partition of the model's preprocessing geometry; images no stream decodes (their
+   features were stored by an earlier run) get a descriptor-only CPU stream (5b);
 6. **aggregate**: audit groups (one store partition each) on aggregator actors
-   (:mod:`cdi_ray.pipeline.aggregate`);
+   (:mod:`cdi_ray.pipeline.aggregate`): the calibrated test and the controls; the default
+   procedure's permutation cap is raised so the batch's FDR control can resolve its smallest
+   threshold (:func:`batch_max_permutations`);
 7. **results**: FDR across the batch, verdicts, files (:mod:`cdi_ray.pipeline.results`).
 
 The driver holds URIs, hashes and per-audit outcomes — never images or feature matrices — so
@@ -22,6 +27,7 @@ its memory grows with the number of URIs, not with pixels.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -32,9 +38,10 @@ from datetime import datetime, timezone
 import numpy as np
 
 from cdi_ray import storage
+from cdi_ray.controls.descriptors import descriptor_key
 from cdi_ray.pipeline import plan as planning
-from cdi_ray.pipeline.actors import (FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT, decode_batch,
-                                     describe_model, write_batch)
+from cdi_ray.pipeline.actors import (DESCRIPTOR_PARTITION, FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT,
+                                     decode_batch, describe_batch, describe_model, write_batch)
 from cdi_ray.pipeline.aggregate import AuditAggregator, AuditJob, AuditOutcome, ImageRef
 from cdi_ray.pipeline.results import BatchResult, build_entries, summarize, write_results
 from cdi_ray.pipeline.store import FeatureStore
@@ -58,6 +65,12 @@ MAX_AGGREGATORS = 4
 #: One more aggregator per this many audits (a test takes ~10 ms on small sets; an actor's
 #: start-up and imports take seconds).
 AUDITS_PER_AGGREGATOR = 64
+#: Upper bound of the permutation cap raised for a batch's FDR control (see batch_max_permutations):
+#: 200,000 resolves BH at q = 0.05 over 5,000 audits; a permutation of a 20k+20k audit costs ~1 ms,
+#: and only audits with overwhelming evidence run to the cap (the others stop after h exceedances).
+MAX_BATCH_PERMUTATIONS = 200_000
+#: The default procedure's own cap (cdi_ray.stats, ridge scorer).
+DEFAULT_MAX_PERMUTATIONS = 9_999
 #: Local Ray (no cluster address): a few logical CPUs more than this box has physical cores,
 #: because a read → decode → actor → write stream deadlocks on 2 logical CPUs.
 LOCAL_NUM_CPUS = 8
@@ -97,6 +110,35 @@ def aggregator_pool(n: int) -> list:
 
 def _blocks(n: int) -> int:
     return max(1, min(200, -(-n // ROWS_PER_BLOCK)))
+
+
+def batch_max_permutations(m: int, q: float, method: str) -> int | None:
+    """The permutation cap an audit needs so that the batch's multiple-testing control can reject it.
+
+    With m tested audits, Benjamini–Hochberg (and Bonferroni) compare the smallest p-value with
+    q/m; Benjamini–Yekutieli with q/(m·Σ_{i≤m} 1/i). A Monte Carlo permutation p-value cannot go
+    below 1/(B+1), so B must reach the reciprocal of that threshold; twice that leaves room for a
+    few exceedances. Never below the procedure's default (9,999), never above
+    :data:`MAX_BATCH_PERMUTATIONS`; ``None`` for ``method="none"`` (per-audit α: default cap).
+    """
+    if method == "none" or m <= 0:
+        return None
+    threshold = q / m
+    if method == "by":
+        threshold /= sum(1.0 / i for i in range(1, m + 1))
+    need = 2 * math.ceil(1.0 / threshold)
+    return int(min(MAX_BATCH_PERMUTATIONS, max(DEFAULT_MAX_PERMUTATIONS, need)))
+
+
+def test_options(test, cap: int | None) -> dict:
+    """An audit's procedure options, with the batch's permutation cap filled in where the audit
+    left ``max_permutations`` unset (default procedure, ridge scorer only: the logistic scorer
+    refits per permutation, so its cap stays the user's choice)."""
+    options = dict(test.options)
+    if (cap is not None and test.procedure == "crossfit-permutation" and "max_permutations" not in options
+            and options.get("scorer", "ridge") == "ridge"):
+        options["max_permutations"] = cap
+    return options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,17 +217,25 @@ def hash_entries(entries: list[storage.FileEntry]) -> tuple[dict[str, str], dict
 # step 5: features
 # ----------------------------------------------------------------------------------------------
 def compute_features(model_spec, info: dict, work: list[planning.ImageWork], configs: dict[str, dict],
-                     columns: dict[str, list[str]], store_root: str) -> dict:
-    """Run one model's stream over ``work``; returns counters (``computed`` = ok rows)."""
+                     columns: dict[str, list[str]], store_root: str, describe: set[str] | frozenset = frozenset(),
+                     descriptor_key: str | None = None) -> dict:
+    """Run one model's stream over ``work``; returns counters (``computed`` = ok rows).
+
+    Images whose hash is in ``describe`` also get their model-free descriptors computed in the
+    decode stage (they are decoded there anyway) and stored under ``descriptor_key``.
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
-    items = [{"uri": w.uri, "content_hash": w.content_hash, "cfgs": ",".join(w.config_hashes)} for w in work]
+    items = [{"uri": w.uri, "content_hash": w.content_hash, "cfgs": ",".join(w.config_hashes),
+              "desc": w.content_hash in describe} for w in work]
     needed_cfgs = sorted({k for w in work for k in w.config_hashes})
     ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
     # read, check, decode, preprocess: CPU tasks
+    descriptors = {"store_root": store_root, "key": descriptor_key} if describe and descriptor_key else None
     ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy",
-                        fn_kwargs={"size": info["image_size"], "channels": info["image_channels"]})
+                        fn_kwargs={"size": info["image_size"], "channels": info["image_channels"],
+                                   "descriptors": descriptors})
     # features: the model once per actor, the pool autoscaling between min and max replicas
     ds = ds.map_batches(
         FeatureActor,
@@ -221,6 +271,26 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
                 transient[h] = e
     counts["actors"] = sorted(counts["actors"])
     counts["transient_errors"] = transient
+    return counts
+
+
+def compute_descriptors(todo: list[tuple[str, str]], size: int, channels: int, key: str, store_root: str) -> dict:
+    """Descriptor-only stream (CPU tasks) for ``(uri, content hash)`` pairs no feature stream decoded."""
+    import ray
+
+    if not todo:
+        return {"rows": 0, "computed": 0, "errors": 0, "transient": 0}
+    items = [{"uri": u, "content_hash": h} for u, h in todo]
+    ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
+    ds = ds.map_batches(describe_batch, batch_size=DECODE_BATCH, batch_format="numpy",
+                        fn_kwargs={"size": size, "channels": channels, "store_root": store_root, "key": key})
+    counts = {"rows": 0, "computed": 0, "errors": 0, "transient": 0}
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        status = [str(s) for s in batch["status"]]
+        counts["rows"] += len(status)
+        counts["computed"] += status.count(STATUS_OK)
+        counts["errors"] += status.count(STATUS_ERROR)
+        counts["transient"] += status.count(STATUS_TRANSIENT)
     return counts
 
 
@@ -330,6 +400,28 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     stored = {(fingerprints[name], key): store.keys(fingerprints[name], key) for name in needs for key in needs[name]}
     work = planning.plan_work(needs, representative, stored, fingerprints)
     needed_total = sum(len(h) for per in needs.values() for h in per.values())
+    # model-free descriptors: per preprocessing geometry, the hashes of audits with the control on
+    # that the store lacks; each goes to the first feature stream that decodes it at that geometry
+    desc_needs: dict[str, set[str]] = defaultdict(set)
+    desc_geometry: dict[str, tuple[int, int]] = {}
+    desc_key_of: dict[str, str] = {}  # audit id → descriptor key
+    for a in manifest.audits:
+        if a.id in failures or a.id not in audit_key or not manifest.controls_of(a).model_free:
+            continue
+        geometry = (int(infos[a.model]["image_size"]), int(infos[a.model]["image_channels"]))
+        dk = descriptor_key(*geometry)
+        desc_key_of[a.id], desc_geometry[dk] = dk, geometry
+        li = listings[a.id]
+        desc_needs[dk] |= {uri_hash[e.uri] for e in (*li.published, *li.unpublished) if e.uri in uri_hash}
+    desc_missing = {dk: hashes - store.keys(DESCRIPTOR_PARTITION, dk) for dk, hashes in desc_needs.items()}
+    describe_in_stream: dict[str, set[str]] = {}
+    claimed: set[tuple[str, str]] = set()
+    for name in sorted(work):
+        dk = descriptor_key(int(infos[name]["image_size"]), int(infos[name]["image_channels"]))
+        mine = {w.content_hash for w in work[name]} & desc_missing.get(dk, set())
+        mine = {h for h in mine if (dk, h) not in claimed}
+        claimed |= {(dk, h) for h in mine}
+        describe_in_stream[name] = mine
     lap("plan", t0)
 
     # 5. compute
@@ -339,7 +431,9 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
 
     def one_model(name):
         log.info("model %s: computing %d images", name, len(work[name]))
-        return compute_features(manifest.models[name], infos[name], work[name], configs, columns, store_root)
+        dk = descriptor_key(int(infos[name]["image_size"]), int(infos[name]["image_channels"]))
+        return compute_features(manifest.models[name], infos[name], work[name], configs, columns, store_root,
+                                describe=describe_in_stream.get(name, set()), descriptor_key=dk)
 
     with ThreadPoolExecutor(max(1, min(max_concurrent_models, len(work)))) as pool:
         futures = {name: pool.submit(one_model, name) for name in sorted(work)}
@@ -358,18 +452,42 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             compute[name] = counts
     lap("compute", t0)
 
+    # 5b. descriptors no feature stream computed (features already stored, or a stream failed)
+    t0 = time.time()
+    desc_counts = {"needed": sum(len(h) for h in desc_needs.values()),
+                   "stored_before": sum(len(desc_needs[dk]) - len(desc_missing[dk]) for dk in desc_needs),
+                   "in_feature_streams": 0, "separate": {"rows": 0, "computed": 0, "errors": 0, "transient": 0}}
+    for dk in sorted(desc_missing):
+        if not desc_missing[dk]:
+            continue
+        have = store.keys(DESCRIPTOR_PARTITION, dk)
+        desc_counts["in_feature_streams"] += len(desc_missing[dk] & have)
+        todo = sorted((representative[h], h) for h in desc_missing[dk] - have)
+        try:
+            got = compute_descriptors(todo, *desc_geometry[dk], dk, store_root)
+        except Exception as exc:  # noqa: BLE001 — the controls of these images then count as fired
+            log.error("descriptor stream failed: %s", exc)
+            continue
+        for k, v in got.items():
+            desc_counts["separate"][k] += v
+    lap("descriptors", t0)
+
     # 6. aggregate
     t0 = time.time()
     outcomes: dict[str, AuditOutcome] = {}
     groups: dict[tuple[str, str], list[AuditJob]] = defaultdict(list)
+    n_tested = sum(a.id not in failures for a in manifest.audits)
+    cap = batch_max_permutations(n_tested, manifest.fdr.q, manifest.fdr.method)
     for a in manifest.audits:
         if a.id in failures:
             continue
         li = listings[a.id]
-
+        ctl = manifest.controls_of(a)
+        controls = {"model_free": {"alpha": ctl.alpha}} if ctl.model_free else {}
         job = AuditJob(a.id, _refs(li.published, uri_hash, read_errors, transient),
                        _refs(li.unpublished, uri_hash, read_errors, transient),
-                       a.test.procedure, a.test.alpha, a.seed, dict(a.test.options))
+                       a.test.procedure, a.test.alpha, a.seed, test_options(a.test, cap),
+                       controls=controls, descriptor_key=desc_key_of.get(a.id))
         groups[(fingerprints[a.model], audit_key[a.id])].append(job)
     if groups:
         n_audits = sum(len(j) for j in groups.values())
@@ -397,7 +515,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             "audit_id": a.id, "model": a.model,
             "model_fingerprint": infos.get(a.model, {}).get("fingerprint"),
             "feature_key": audit_key.get(a.id),
-            "status": o.status, "result": o.result, "error": o.error,
+            "status": o.status, "result": o.result, "error": o.error, "controls": o.controls,
             "n_published": o.n_published, "n_unpublished": o.n_unpublished, "unusable": o.unusable,
             "alpha": a.test.alpha, "seed": a.seed, "procedure": a.test.procedure, "min_samples": a.test.min_samples,
         })
@@ -421,6 +539,8 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             "transient_errors": sum(c["transient"] for c in compute.values()),
             "per_model": compute,
         },
+        "descriptors": desc_counts,
+        "max_permutations": cap,
     }
     batch = BatchResult(output=output, audits=entries, summary=summarize(entries), fdr=fdr, run=run)
     if write:

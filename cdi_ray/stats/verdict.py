@@ -1,10 +1,19 @@
 """From a test result to a plain-language verdict: ``used`` / ``not_detected`` / ``inconclusive``.
 
+THE verdict policy of cdi-ray: this function is the only place verdicts are decided; the
+pipeline (results.json / results.parquet), the CLI and the reports all call it. Explained for
+readers in docs/VERDICTS.md.
+
 A verdict may end up in an accusation, so "used" needs every condition below; anything odd
-yields "inconclusive", which is a legitimate, calibrated answer rather than a failure.
+yields "inconclusive", which is a legitimate, calibrated answer rather than a failure. In short:
+**used** only when the main test is significant after the batch's FDR control (``p_adjusted``),
+the direction is P>U, the procedure is calibrated, both collections hold ≥ ``min_samples``
+images, and no control fired (the distribution-shift guards run by default in every audit,
+``cdi_ray.controls``; a manifest turns them off with ``controls: {model_free: false}``).
 
 Policy, in order (the first rule that applies decides):
-  1. a control fired (e.g. a distribution-shift guard, added by later stages) → inconclusive;
+  1. a control fired (a distribution-shift guard: P and U are separable without the model, or
+     the guard could not be run) → inconclusive;
   2. no p-value (failed audit) → inconclusive;
   3. |P| or |U| below ``min_samples`` → inconclusive;
   4. P scores significantly LOWER than U (two-sided p ≤ α, unadjusted) → inconclusive:
@@ -41,6 +50,18 @@ def _fmt(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
 
 
+def _fired_reasons(controls) -> tuple[str, ...]:
+    """Reasons of the controls that fired: strings are taken as fired; objects with ``fired`` and
+    ``reason`` (e.g. ``cdi_ray.controls.ControlResult``) count only when ``fired``."""
+    out = []
+    for c in controls:
+        if isinstance(c, str):
+            out.append(c)
+        elif getattr(c, "fired", False):
+            out.append(str(getattr(c, "reason", None) or getattr(c, "name", "a control")))
+    return tuple(out)
+
+
 def verdict(result: TestResult, *, alpha: float | None = None, p_adjusted: float | None = None,
             min_samples: int = MIN_SAMPLES, controls: Iterable[str] = ()) -> Verdict:
     """Map a :class:`TestResult` to a :class:`Verdict` with a one-sentence reason.
@@ -51,12 +72,15 @@ def verdict(result: TestResult, *, alpha: float | None = None, p_adjusted: float
         p_adjusted (`float`, *optional*): this audit's p-value adjusted for a batch (e.g.
             ``benjamini_hochberg(...).adjusted[i]``); replaces ``result.pvalue`` in rule 6.
         min_samples (`int`, *optional*, defaults to 50): smallest |P| and |U| for a finding.
-        controls (`iterable of str`, *optional*): reasons of controls that fired; any → inconclusive.
+        controls (`iterable`, *optional*): controls of the audit — reasons (``str``) of controls
+            that fired, or control results with ``fired``/``reason`` (e.g.
+            :class:`cdi_ray.controls.ControlResult`, of which only fired ones count); any fired
+            control → inconclusive.
     """
     alpha = float(result.alpha if alpha is None else alpha)
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1); got {alpha!r}")
-    controls = tuple(str(c) for c in controls)
+    controls = _fired_reasons(controls)
     adjusted = p_adjusted is not None
     p = float(result.pvalue if p_adjusted is None else p_adjusted)
     n_p, n_u = result.n_published, result.n_unpublished
