@@ -53,7 +53,8 @@ def demo_audits(models=DEMO_MODELS) -> list[DemoAudit]:
     return audits
 
 
-def _png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray) -> bytes:
+    """The PNG bytes the demo writes for a bundle image (their sha256 is the image's identity)."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -85,7 +86,7 @@ def materialise(root: Path, *, n: int, seed: int = 0, models=DEMO_MODELS) -> dic
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for j, k in enumerate(idx):
-            (folder / f"{j:05d}.png").write_bytes(_png(bundle.images[int(k)]))
+            (folder / f"{j:05d}.png").write_bytes(encode_png(bundle.images[int(k)]))
         folders[name] = folder
     return folders
 
