@@ -116,6 +116,11 @@ def test_batch_dedup_reuse_and_crash_safety(ray_local, models, data, tmp_path):
     assert feats["computed"] == 67 and feats["decode_errors"] == 2 and feats["to_compute"] == 69
     # the model is loaded once per actor, never more actors than the pool's max
     assert 1 <= len(feats["per_model"]["m1"]["actors"]) <= 2 and len(feats["per_model"]["m2"]["actors"]) == 1
+    # model-free descriptors (controls on by default): m1 and m2 share a geometry, so each of the 29
+    # distinct contents (bad.png as an error row) is described once, in the decode stage of m1's stream
+    assert b.run["descriptors"]["needed"] == 29 and b.run["descriptors"]["in_feature_streams"] == 29
+    assert b.run["descriptors"]["separate"]["rows"] == 0
+    assert all(a["controls"][0]["name"] == "model-free" for a in b.audits if a["status"] == "done")
 
     a1 = by_id["a1"]
     assert (a1["n_published"], a1["n_unpublished"]) == (10, 9)
@@ -149,6 +154,7 @@ def test_batch_dedup_reuse_and_crash_safety(ray_local, models, data, tmp_path):
     b2 = run_manifest(m)
     assert b2.run["features"]["computed"] == 0 and b2.run["features"]["to_compute"] == 0
     assert b2.run["images"]["hashed"] == 0 and b2.run["images"]["hash_index_hits"] == b.run["images"]["listed"]
+    assert b2.run["descriptors"]["stored_before"] == 29 and b2.run["descriptors"]["separate"]["rows"] == 0
     res2 = json.loads((out / "results.json").read_text())
     assert comparable(res2) == comparable(res)
     assert pq.read_table(out / "results.parquet").equals(table)

@@ -1,0 +1,249 @@
+"""Distribution-shift guards (issue 10): model-free descriptors, the model-free control, the verdict
+policy with controls, the batch-sized permutation cap, and the pipeline end to end.
+
+The control must fire on P/U pairs that differ without membership (brightness, classes) and, on
+exchangeable pairs, fire at most at its level α (null simulation, binomial bound).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats as st
+
+from cdi_ray.controls import (CONTROL_ALPHA, DESCRIPTOR_GROUPS, DESCRIPTOR_NAMES, ControlResult, descriptor_key,
+                              descriptor_matrix, image_descriptors, model_free_control)
+from cdi_ray.images import decode_image, preprocess
+from cdi_ray.stats import run_test, verdict
+
+
+def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _describe(data: bytes, size: int = 16, channels: int = 1) -> dict[str, float]:
+    img = decode_image(data, name="x")
+    return image_descriptors(data, img, preprocess(img, size=size, channels=channels))
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from cdi_ray.demo.bundle import load_bundle
+
+    return load_bundle()
+
+
+@pytest.fixture(scope="module")
+def heldout_descriptors(bundle):
+    """Descriptors of 800 held-out Fashion-MNIST images (as PNG files, model size 16, 1 channel) and their labels."""
+    idx = bundle.pool("heldout")[:800]
+    rows = [_describe(_encode(bundle.images[i], "PNG")) for i in idx]
+    return descriptor_matrix(rows), bundle.labels[idx]
+
+
+# ---------------------------------------------------------------------------------------------- descriptors
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("geometry", [(16, 1), (32, 3)])
+def test_descriptors_deterministic_finite_and_named(mode, fmt, geometry):
+    rng = np.random.default_rng(0)
+    shape = (37, 23, 3) if mode == "RGB" else (37, 23)
+    data = _encode(rng.integers(0, 256, shape, dtype=np.uint8), fmt)
+    a, b = _describe(data, *geometry), _describe(data, *geometry)
+    assert tuple(a) == DESCRIPTOR_NAMES and a == b
+    assert all(math.isfinite(v) for v in a.values())
+    assert a["file_format_jpeg"] == float(fmt == "JPEG") and a["file_format_png"] == float(fmt == "PNG")
+    assert a["file_source_gray"] == float(mode == "L")
+    assert a["geom_upscaled"] == float(23 < geometry[0])
+    assert sum(len(v) for v in DESCRIPTOR_GROUPS.values()) == len(DESCRIPTOR_NAMES)
+
+
+def test_descriptors_see_jpeg_quality_and_brightness():
+    rng = np.random.default_rng(1)
+    img = rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)
+    for q in (30, 75, 95):
+        assert _describe(_encode(img, "JPEG", quality=q))["file_jpeg_quality"] == pytest.approx(q, abs=3)
+    assert _describe(_encode(img, "PNG"))["file_jpeg_quality"] == 100.0
+    dark, bright = _describe(_encode(img // 2, "PNG")), _describe(_encode(img, "PNG"))
+    assert dark["pix_mean"] < bright["pix_mean"] - 30
+
+
+def test_descriptor_key_depends_on_geometry_only():
+    assert descriptor_key(16, 1) == descriptor_key(16, 1)
+    assert len({descriptor_key(16, 1), descriptor_key(16, 3), descriptor_key(32, 1)}) == 3
+
+
+# ---------------------------------------------------------------------------------------------- the control
+def test_control_fires_on_class_shift_and_names_descriptors(heldout_descriptors):
+    D, labels = heldout_descriptors
+    rng = np.random.default_rng(2)
+    P = D[rng.choice(np.flatnonzero(labels < 5), 50, replace=False)]
+    U = D[rng.choice(np.flatnonzero(labels >= 5), 50, replace=False)]
+    c = model_free_control(P, U, seed=0)
+    assert c.fired and c.pvalue <= CONTROL_ALPHA and c.name == "model-free"
+    top = c.separating[0]
+    assert top[0] in DESCRIPTOR_NAMES and abs(top[1] - 0.5) > 0.2
+    assert top[0] in c.reason and "without the model" in c.reason
+    d = c.to_dict()
+    assert d["fired"] is True and d["separating"][0]["descriptor"] == top[0] and d["separating"][0]["group"]
+    json.dumps(d)
+
+
+def test_control_fires_on_brightness_shift(bundle):
+    idx = bundle.pool("heldout")[800:900]
+    imgs = bundle.images[idx]
+    P = descriptor_matrix([_describe(_encode(x, "PNG")) for x in imgs[:50]])
+    U = descriptor_matrix([_describe(_encode((x * 0.8).astype(np.uint8), "PNG")) for x in imgs[50:]])
+    c = model_free_control(P, U, seed=0)
+    assert c.fired and c.separating[0][1] > 0.5  # published brighter
+
+
+def test_control_false_fire_rate_on_exchangeable_pairs(heldout_descriptors):
+    """Random halves of one pool: fires in ≤ α of trials, within a one-sided binomial bound."""
+    D, _ = heldout_descriptors
+    rng = np.random.default_rng(3)
+    trials, n = 200, 50
+    fired = 0
+    for t in range(trials):
+        perm = rng.permutation(len(D))
+        fired += model_free_control(D[perm[:n]], D[perm[n:2 * n]], seed=t).fired
+    # P(X > bound) ≤ 0.001 for X ~ Binomial(200, 0.05); a calibrated control stays below it
+    assert fired <= st.binom.ppf(0.999, trials, CONTROL_ALPHA), fired
+
+
+def test_control_that_cannot_run_fires():
+    c = model_free_control(np.zeros((1, len(DESCRIPTOR_NAMES))), np.zeros((1, len(DESCRIPTOR_NAMES))))
+    assert c.fired and c.pvalue is None and "could not be run" in c.reason
+
+
+# ---------------------------------------------------------------------------------------------- verdict policy
+def test_verdict_takes_control_results():
+    rng = np.random.default_rng(4)
+    res = run_test(rng.normal(-1.0, 1, (60, 3)), rng.normal(0, 1, (60, 3)), alpha=0.01, seed=0)
+    assert verdict(res).label == "used"
+    quiet = ControlResult("model-free", False, 0.4, 0.05, "image statistics alone do not separate them")
+    loud = ControlResult("model-free", True, 0.001, 0.05, "image statistics alone separate them (pix_mean)")
+    assert verdict(res, controls=[quiet]).label == "used"
+    v = verdict(res, controls=[quiet, loud])
+    assert v.label == "inconclusive" and "pix_mean" in v.reason and v.controls == (loud.reason,)
+
+
+# ---------------------------------------------------------------------------------------------- permutation cap
+def test_batch_max_permutations_reaches_the_fdr_threshold():
+    from cdi_ray.pipeline.run import DEFAULT_MAX_PERMUTATIONS, MAX_BATCH_PERMUTATIONS, batch_max_permutations, test_options
+    from cdi_ray.spec import TestSpec
+
+    assert batch_max_permutations(1, 0.05, "bh") == DEFAULT_MAX_PERMUTATIONS
+    assert batch_max_permutations(1000, 0.05, "bh") == 40_000  # 2·m/q: the floor 1/(B+1) lies below q/m
+    for m, q in ((300, 0.05), (1000, 0.1), (2000, 0.05)):
+        B = batch_max_permutations(m, q, "bh")
+        assert 1 / (B + 1) <= q / m / 2
+    assert batch_max_permutations(1000, 0.05, "by") > batch_max_permutations(1000, 0.05, "bh")
+    assert batch_max_permutations(10**6, 0.05, "bonferroni") == MAX_BATCH_PERMUTATIONS
+    assert batch_max_permutations(1000, 0.05, "none") is None
+    # filled in only where the audit left it unset, for the default procedure's ridge scorer
+    assert test_options(TestSpec(), 40_000) == {"max_permutations": 40_000}
+    assert test_options(TestSpec(options={"max_permutations": 999}), 40_000) == {"max_permutations": 999}
+    assert test_options(TestSpec(options={"scorer": "logistic"}), 40_000) == {"scorer": "logistic"}
+    assert test_options(TestSpec(procedure="split"), 40_000) == {}
+    assert test_options(TestSpec(), None) == {}
+
+
+def test_raised_cap_resolves_a_strong_audit():
+    """With the raised cap an overwhelming audit's p-value drops below the BH threshold q/m."""
+    from cdi_ray.pipeline.run import batch_max_permutations
+
+    rng = np.random.default_rng(5)
+    P, U = rng.normal(-1.5, 1, (60, 2)), rng.normal(0, 1, (60, 2))
+    m, q = 1000, 0.05
+    assert run_test(P, U, seed=0).pvalue > q / m  # default cap: floor 1e-4 > 5e-5
+    assert run_test(P, U, seed=0, max_permutations=batch_max_permutations(m, q, "bh")).pvalue <= q / m
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+def test_manifest_controls_default_on_and_can_be_turned_off(tmp_path):
+    from cdi_ray.spec import ManifestError, parse_manifest
+
+    base = {"models": {"m": {"uri": str(tmp_path)}}, "output": str(tmp_path / "out"),
+            "audits": [{"id": "a", "model": "m", "published": "p", "unpublished": "u"},
+                       {"id": "b", "model": "m", "published": "p", "unpublished": "u",
+                        "controls": {"model_free": False}}]}
+    m = parse_manifest(base)
+    assert m.controls_of(m.audits[0]).model_free and m.controls_of(m.audits[0]).alpha == 0.05
+    assert not m.controls_of(m.audits[1]).model_free
+    off = parse_manifest({**base, "controls": {"model_free": False}})
+    assert not off.controls_of(off.audits[0]).model_free
+    with pytest.raises(ManifestError, match="controls.modelfree.*allowed keys here: model_free, alpha"):
+        parse_manifest({**base, "controls": {"modelfree": False}})
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _write(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(images):
+        Image.fromarray(x).save(folder / f"{i:04d}.png")
+
+
+def test_pipeline_class_shift_is_inconclusive_never_used(ray_local, tiny_pixel_dir, bundle, tmp_path):
+    """Held-out classes 0–4 as P against held-out classes 5–9 as U on a model that saw neither:
+    the guarded audit is inconclusive (naming the descriptors); with the guard off the same audit
+    goes unguarded. Features first computed with controls off, so the descriptors come from the
+    descriptor-only stream; a re-run computes nothing."""
+    from cdi_ray.pipeline.run import run_manifest
+    from cdi_ray.spec import parse_manifest
+
+    held = bundle.pool("heldout")
+    labels = bundle.labels[held]
+    n = 40
+    _write(tmp_path / "p", bundle.images[held[labels < 5][:n]])
+    _write(tmp_path / "u", bundle.images[held[labels >= 5][:n]])
+    common = {"model": "m", "published": str(tmp_path / "p"), "unpublished": str(tmp_path / "u"),
+              "overrides": {"dl": {"n_draws": 2}}, "test": {"min_samples": 20}}
+
+    def manifest(controls_on: bool):
+        return parse_manifest({
+            "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 40}},
+            "audits": [{"id": "shift", **common}, {"id": "shift-unguarded", **common, "controls": {"model_free": False}}],
+            "controls": {"model_free": controls_on},
+            "output": str(tmp_path / "out"),
+        })
+
+    # 1. guards off everywhere: features only, no descriptors
+    b0 = run_manifest(manifest(False))
+    assert b0.run["descriptors"]["needed"] == 0 and all(a["controls"] == [] for a in b0.audits)
+    # 2. guards on (the default for "shift"): descriptors from the descriptor-only stream
+    b = run_manifest(manifest(True))
+    assert b.run["features"]["computed"] == 0
+    assert b.run["descriptors"]["separate"]["computed"] == 2 * n
+    by_id = {a["audit_id"]: a for a in b.audits}
+    guarded, unguarded = by_id["shift"], by_id["shift-unguarded"]
+    assert guarded["verdict"] == "inconclusive" and guarded["controls_fired"] == "model-free"
+    (ctl,) = guarded["controls"]
+    assert ctl["fired"] and ctl["pvalue"] <= 0.05 and ctl["n_published"] == n and ctl["n_unpublished"] == n
+    assert ctl["separating"][0]["descriptor"] in guarded["verdict_reason"]
+    assert "without the model" in guarded["verdict_reason"]
+    # the unguarded audit: same p-value, no control; the main test does see the shift
+    assert unguarded["controls"] == [] and unguarded["controls_fired"] == ""
+    assert unguarded["p_value"] == guarded["p_value"]
+    assert unguarded["verdict"] == "used"  # the false accusation the guard prevents (the model saw neither set)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["audits"][0]["controls"][0]["name"] == "model-free"
+    # 3. re-run: descriptors reused from the store
+    b2 = run_manifest(manifest(True))
+    assert b2.run["descriptors"]["separate"]["computed"] == 0 and b2.run["descriptors"]["stored_before"] == 2 * n
+    assert [a["verdict"] for a in b2.audits] == [a["verdict"] for a in b.audits]
