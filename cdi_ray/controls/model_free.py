@@ -36,7 +36,8 @@ import numpy as np
 
 from .descriptors import DESCRIPTOR_NAMES, group_of
 
-__all__ = ["ControlResult", "model_free_control", "separating_descriptors", "CONTROL_ALPHA", "MODEL_FREE"]
+__all__ = ["ControlResult", "model_free_control", "separating_descriptors", "control_seed", "CONTROL_ALPHA",
+           "MODEL_FREE"]
 
 MODEL_FREE = "model-free"
 #: Default level of the control, uncorrected (module docstring: liberal is the safe side).
@@ -84,6 +85,13 @@ class ControlResult:
             "separating": [{"descriptor": d, "group": group_of(d) if d in DESCRIPTOR_NAMES else None, "auc": a}
                            for d, a in self.separating[:top]],
         })
+
+
+def control_seed(seed: int, name: str = MODEL_FREE) -> int:
+    """The seed a control uses for an audit with root ``seed``: derived, so the control's folds and
+    permutations are independent of the main test's (which uses ``seed`` itself)."""
+    tag = int.from_bytes(name.encode(), "little") % (1 << 32)
+    return int(np.random.SeedSequence([int(seed), tag]).generate_state(1, dtype=np.uint32)[0])
 
 
 def _auc(a: np.ndarray, b: np.ndarray) -> float:

@@ -141,7 +141,7 @@ def _table_rows(table, columns: list[str]):
 
 def run_controls(job: AuditJob, hp: list[str], hu: list[str], descriptors) -> list:
     """Step 4: the audit's controls on the images the main test used (``descriptors`` from :func:`_table_rows`)."""
-    from cdi_ray.controls import MODEL_FREE, ControlResult, model_free_control
+    from cdi_ray.controls.model_free import MODEL_FREE, ControlResult, control_seed, model_free_control
 
     out = []
     cfg = job.controls.get("model_free")
@@ -155,7 +155,8 @@ def run_controls(job: AuditJob, hp: list[str], hu: list[str], descriptors) -> li
             rows, status, _, matrix = descriptors
             ok = lambda h: h in rows and status[rows[h]] == STATUS_OK  # noqa: E731
             dp, du = [h for h in hp if ok(h)], [h for h in hu if ok(h)]
-            res = model_free_control(_matrix(dp, rows, matrix), _matrix(du, rows, matrix), alpha=alpha, seed=job.seed)
+            res = model_free_control(_matrix(dp, rows, matrix), _matrix(du, rows, matrix), alpha=alpha,
+                                     seed=control_seed(job.seed, MODEL_FREE))
             lost = (len(hp) - len(dp)) + (len(hu) - len(du))
             if lost:
                 res = replace(res, reason=res.reason + f" ({lost} image(s) without descriptors were left out of "
