@@ -223,8 +223,12 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int,
             d_status.append(STATUS_OK if values is not None else status[i] if status[i] != STATUS_OK else STATUS_ERROR)
             d_errors.append(err)
     if d_rows:
-        _store_descriptors(descriptors["store_root"], descriptors["key"], [str(batch["content_hash"][i]) for i in d_rows],
-                           d_status, d_errors, d_values)
+        try:
+            _store_descriptors(descriptors["store_root"], descriptors["key"],
+                               [str(batch["content_hash"][i]) for i in d_rows], d_status, d_errors, d_values)
+        except Exception as exc:  # noqa: BLE001 — never fail the feature stream for them: the
+            # descriptor-only pass after the streams recomputes whatever is missing from the store
+            log.warning("could not store model-free descriptors of %d images: %s", len(d_rows), exc)
     return {
         "content_hash": np.asarray(batch["content_hash"], dtype=object),
         "cfgs": np.asarray(batch["cfgs"], dtype=object),
