@@ -164,6 +164,9 @@ class ControlsSpec(_Spec):
     """
 
     model_free: bool = Field(True, description="run the model-free control (image descriptors alone must not separate P from U)")
+    reference_model: str | None = Field(
+        None, description="a name under `models:` that cannot have been trained on P; the audit is re-run against it "
+                          "and the verdict is inconclusive if it also finds P > U")
     alpha: float = Field(0.05, gt=0, lt=1, description="level of the controls, per audit and uncorrected (firing more is the safe side)")
 
 
@@ -232,6 +235,7 @@ class Manifest(_Spec):
                 )
             else:
                 problems.extend(self._feature_problems(i, a))
+                problems.extend(self._reference_problems(i, a))
             problems.extend(_test_problems(i, a.test))
         if problems:
             raise ValueError("\n".join(problems))
@@ -254,6 +258,25 @@ class Manifest(_Spec):
                 f"audits[{i}].{'features' if a.features else 'preset'}: {what} needs gradients but model "
                 f"{a.model!r} is gray-box — use preset: gray-box (or drop gm/no), or set the model's access: white-box"
             ]
+        return []
+
+    def _reference_problems(self, i: int, a: AuditSpec) -> list[str]:
+        ref = self.controls_of(a).reference_model
+        if ref is None:
+            return []
+        where = f"audits[{i}].controls.reference_model" if a.controls is not None else "controls.reference_model"
+        if ref not in self.models:
+            known = ", ".join(sorted(self.models))
+            return [f"{where}: unknown model {ref!r} — use one of the names under `models:` ({known})"]
+        if ref == a.model:
+            return [f"{where}: {ref!r} is the audited model of audits[{i}] — a reference must be a model that cannot "
+                    f"have been trained on the published images"]
+        from cdi_ray.features.config import FeatureConfig
+
+        cfg = FeatureConfig(features=tuple(a.features) if a.features else self.preset_of(a), overrides=a.overrides)
+        if cfg.needs_gradients and self.models[ref].access == "gray-box":
+            return [f"{where}: audits[{i}] uses gradient features but reference model {ref!r} is gray-box — give the "
+                    f"reference white-box access, or use preset: gray-box for the audit"]
         return []
 
     # -- derived -------------------------------------------------------------------------------

@@ -179,8 +179,30 @@ def test_manifest_controls_default_on_and_can_be_turned_off(tmp_path):
     assert not m.controls_of(m.audits[1]).model_free
     off = parse_manifest({**base, "controls": {"model_free": False}})
     assert not off.controls_of(off.audits[0]).model_free
-    with pytest.raises(ManifestError, match="controls.modelfree.*allowed keys here: model_free, alpha"):
+    with pytest.raises(ManifestError, match="controls.modelfree.*allowed keys here: model_free, reference_model, alpha"):
         parse_manifest({**base, "controls": {"modelfree": False}})
+    with pytest.raises(ManifestError, match=r"controls.reference_model: unknown model 'r'"):
+        parse_manifest({**base, "controls": {"reference_model": "r"}})
+    with pytest.raises(ManifestError, match=r"audits\[0\].controls.reference_model: 'm' is the audited model"):
+        parse_manifest({**base, "audits": [{**base["audits"][1], "controls": {"reference_model": "m"}}]})
+    two = {**base, "models": {"m": {"uri": str(tmp_path)}, "r": {"uri": str(tmp_path), "access": "gray-box"}}}
+    with pytest.raises(ManifestError, match="gradient features but reference model 'r' is gray-box"):
+        parse_manifest({**two, "controls": {"reference_model": "r"}})
+    ok = parse_manifest({**two, "controls": {"reference_model": "r"}, "audits": [{**base["audits"][0], "preset": "gray-box"}]})
+    assert ok.controls_of(ok.audits[0]).reference_model == "r"
+
+
+def test_reference_control_fires_when_the_reference_detects():
+    from cdi_ray.controls import reference_control
+
+    rng = np.random.default_rng(6)
+    strong = run_test(rng.normal(-1.0, 1, (60, 3)), rng.normal(0, 1, (60, 3)), seed=0)
+    null = run_test(rng.normal(0, 1, (60, 3)), rng.normal(0, 1, (60, 3)), seed=0)
+    c = reference_control(strong, reference="sd-1.4")
+    assert c.fired and c.name == "reference-model" and "'sd-1.4'" in c.reason and c.n_published == 60
+    assert reference_control(null, reference="sd-1.4").fired == (null.pvalue <= CONTROL_ALPHA)
+    failed = reference_control(None, reference="sd-1.4", error="model cannot load")
+    assert failed.fired and failed.pvalue is None and "model cannot load" in failed.reason
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -204,6 +226,7 @@ def test_pipeline_class_shift_is_inconclusive_never_used(ray_local, tiny_pixel_d
     the guarded audit is inconclusive (naming the descriptors); with the guard off the same audit
     goes unguarded. Features first computed with controls off, so the descriptors come from the
     descriptor-only stream; a re-run computes nothing."""
+    from cdi_ray.models.testing import make_tiny_pixel_ddpm
     from cdi_ray.pipeline.run import run_manifest
     from cdi_ray.spec import parse_manifest
 
@@ -215,17 +238,22 @@ def test_pipeline_class_shift_is_inconclusive_never_used(ray_local, tiny_pixel_d
     common = {"model": "m", "published": str(tmp_path / "p"), "unpublished": str(tmp_path / "u"),
               "overrides": {"dl": {"n_draws": 2}}, "test": {"min_samples": 20}}
 
+    ref = make_tiny_pixel_ddpm(tmp_path / "ref", image_size=16, channels=1, seed=7)  # saw nothing either
+
     def manifest(controls_on: bool):
+        audits = [{"id": "shift", **common}, {"id": "shift-unguarded", **common, "controls": {"model_free": False}},
+                  {"id": "shift-ref", **common, "controls": {"model_free": False, "reference_model": "ref"}}]
         return parse_manifest({
-            "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 40}},
-            "audits": [{"id": "shift", **common}, {"id": "shift-unguarded", **common, "controls": {"model_free": False}}],
+            "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 40},
+                       "ref": {"uri": str(ref), "access": "gray-box", "batch_size": 40}},
+            "audits": audits,
             "controls": {"model_free": controls_on},
             "output": str(tmp_path / "out"),
         })
 
-    # 1. guards off everywhere: features only, no descriptors
+    # 1. model-free guard off everywhere: features only (audited and reference model), no descriptors
     b0 = run_manifest(manifest(False))
-    assert b0.run["descriptors"]["needed"] == 0 and all(a["controls"] == [] for a in b0.audits)
+    assert b0.run["descriptors"]["needed"] == 0 and all(a["controls"] == [] for a in b0.audits[:2])
     # 2. guards on (the default for "shift"): descriptors from the descriptor-only stream
     b = run_manifest(manifest(True))
     assert b.run["features"]["computed"] == 0
@@ -241,6 +269,12 @@ def test_pipeline_class_shift_is_inconclusive_never_used(ray_local, tiny_pixel_d
     assert unguarded["controls"] == [] and unguarded["controls_fired"] == ""
     assert unguarded["p_value"] == guarded["p_value"]
     assert unguarded["verdict"] == "used"  # the false accusation the guard prevents (the model saw neither set)
+    # the reference-model control: a model that cannot have seen P "detects" it too → inconclusive
+    with_ref = by_id["shift-ref"]
+    assert [c["name"] for c in with_ref["controls"]] == ["reference-model"]
+    assert with_ref["verdict"] == "inconclusive" and "reference model 'ref'" in with_ref["verdict_reason"]
+    assert with_ref["p_value"] == guarded["p_value"] and len(b.audits) == 3  # no shadow entry, not FDR-counted
+    assert b.fdr["n_tested"] == 3
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["audits"][0]["controls"][0]["name"] == "model-free"
     # 3. re-run: descriptors reused from the store

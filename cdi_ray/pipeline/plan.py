@@ -108,12 +108,13 @@ def expand_sources(audits: Iterable[AuditSpec], *, threads: int = LIST_THREADS) 
 # ----------------------------------------------------------------------------------------------
 # feature configs
 # ----------------------------------------------------------------------------------------------
-def feature_config(manifest: Manifest, audit: AuditSpec):
+def feature_config(manifest: Manifest, audit: AuditSpec, model_name: str | None = None):
     """The audit's :class:`cdi_ray.features.config.FeatureConfig` (device left at its default:
-    it does not change values, and the actor sets its own)."""
+    it does not change values, and the actor sets its own). ``model_name`` (e.g. the audit's
+    reference model) changes only the model-dependent parts (dtype); the features are the audit's."""
     from cdi_ray.features.config import FeatureConfig
 
-    model = manifest.models[audit.model]
+    model = manifest.models[model_name or audit.model]
     kwargs = dict(
         features=tuple(audit.features) if audit.features else manifest.preset_of(audit),
         overrides=audit.overrides,

@@ -39,6 +39,8 @@ import numpy as np
 
 from cdi_ray import storage
 from cdi_ray.controls.descriptors import descriptor_key
+from cdi_ray.controls.model_free import control_seed
+from cdi_ray.controls.reference import REFERENCE_MODEL, reference_control
 from cdi_ray.pipeline import plan as planning
 from cdi_ray.pipeline.actors import (DESCRIPTOR_PARTITION, FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT,
                                      decode_batch, describe_batch, describe_model, write_batch)
@@ -71,6 +73,8 @@ AUDITS_PER_AGGREGATOR = 64
 MAX_BATCH_PERMUTATIONS = 200_000
 #: The default procedure's own cap (cdi_ray.stats, ridge scorer).
 DEFAULT_MAX_PERMUTATIONS = 9_999
+#: Suffix of the shadow audit that re-runs an audit on its reference model (not a valid audit id).
+REFERENCE_SUFFIX = "@reference"
 #: Local Ray (no cluster address): a few logical CPUs more than this box has physical cores,
 #: because a read → decode → actor → write stream deadlocks on 2 logical CPUs.
 LOCAL_NUM_CPUS = 8
@@ -350,7 +354,9 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
 
     # 2. describe models
     t0 = time.time()
-    used = sorted({a.model for a in manifest.audits if a.id not in failures})
+    used = sorted({a.model for a in manifest.audits if a.id not in failures}
+                  | {manifest.controls_of(a).reference_model for a in manifest.audits
+                     if a.id not in failures and manifest.controls_of(a).reference_model})
     infos, model_errors = describe_models({name: manifest.models[name] for name in used}, store_root)
     for a in manifest.audits:
         if a.id not in failures and a.model in model_errors:
@@ -378,6 +384,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     configs: dict[str, dict] = {}
     columns: dict[str, list[str]] = {}
     audit_key: dict[str, str] = {}
+    ref_key: dict[str, str] = {}  # audit id → store key of its features under its reference model
     needs: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for a in manifest.audits:
         if a.id in failures:
@@ -393,6 +400,19 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         audit_key[a.id] = key
         li = listings[a.id]
         needs[a.model][key] |= {uri_hash[e.uri] for e in (*li.published, *li.unpublished) if e.uri in uri_hash}
+        # the reference-model control: the same images and features under the reference model
+        ref = manifest.controls_of(a).reference_model
+        if ref and ref not in model_errors:
+            try:
+                cfg_r = planning.feature_config(manifest, a, ref)
+                key_r = planning.store_key(cfg_r, manifest.models[ref])
+            except Exception as exc:  # noqa: BLE001 — the control then cannot run, so it fires
+                model_errors.setdefault(f"{a.id}@reference", f"invalid feature config for reference {ref!r}: {exc}")
+                continue
+            configs[key_r] = cfg_r.model_dump(mode="json", exclude={"device"})
+            columns[key_r] = list(cfg_r.columns)
+            ref_key[a.id] = key_r
+            needs[ref][key_r] |= {uri_hash[e.uri] for e in (*li.published, *li.unpublished) if e.uri in uri_hash}
     representative: dict[str, str] = {}
     for uri in sorted(uri_hash):
         representative.setdefault(uri_hash[uri], uri)
@@ -444,6 +464,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
                 cause = getattr(exc, "cause", None) or exc
                 reason = f"feature computation for model {name!r} failed: {type(cause).__name__}: {cause}"
                 log.error(reason)
+                model_errors.setdefault(name, reason)  # for the audits that use it as reference
                 for a in manifest.audits:
                     if a.model == name and a.id not in failures:
                         failures[a.id] = reason
@@ -489,6 +510,11 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
                        a.test.procedure, a.test.alpha, a.seed, test_options(a.test, cap),
                        controls=controls, descriptor_key=desc_key_of.get(a.id))
         groups[(fingerprints[a.model], audit_key[a.id])].append(job)
+        if a.id in ref_key:  # the reference-model control's re-run: a shadow audit, not FDR-counted
+            ref = ctl.reference_model
+            groups[(fingerprints[ref], ref_key[a.id])].append(
+                AuditJob(a.id + REFERENCE_SUFFIX, job.published, job.unpublished, a.test.procedure, a.test.alpha,
+                         control_seed(a.seed, REFERENCE_MODEL), dict(a.test.options)))
     if groups:
         n_audits = sum(len(j) for j in groups.values())
         actors = aggregator_pool(min(max_aggregators, len(groups), -(-n_audits // AUDITS_PER_AGGREGATOR)))
@@ -505,6 +531,17 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
                 _POOL.clear()  # do not reuse a pool that lost an actor
                 for job in groups[group]:
                     outcomes[job.audit_id] = AuditOutcome(job.audit_id, "failed", error=f"aggregator failed: {exc}")
+    for a in manifest.audits:
+        ref = manifest.controls_of(a).reference_model
+        shadow = outcomes.pop(a.id + REFERENCE_SUFFIX, None)
+        o = outcomes.get(a.id)
+        if not ref or o is None or o.status != "done":
+            continue
+        error = (model_errors.get(ref) or model_errors.get(a.id + REFERENCE_SUFFIX)
+                 or (shadow.error if shadow is not None else "not run"))
+        ok = shadow is not None and shadow.status == "done"
+        o.controls.append(reference_control(shadow.result if ok else None, reference=ref,
+                                            alpha=manifest.controls_of(a).alpha, error=None if ok else error))
     lap("aggregate", t0)
 
     # 7. results
