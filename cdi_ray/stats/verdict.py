@@ -8,8 +8,10 @@ A verdict may end up in an accusation, so "used" needs every condition below; an
 yields "inconclusive", which is a legitimate, calibrated answer rather than a failure. In short:
 **used** only when the main test is significant after the batch's FDR control (``p_adjusted``),
 the direction is P>U, the procedure is calibrated, both collections hold ≥ ``min_samples``
-images, and no control fired (the distribution-shift guards run by default in every audit,
-``cdi_ray.controls``; a manifest turns them off with ``controls: {model_free: false}``).
+images, and no control fired (the distribution-shift guards, ``cdi_ray.controls``: the model-free
+control runs by default in every audit — a manifest turns it off with
+``controls: {model_free: false}`` — and the reference-model control runs when the manifest names
+``controls: {reference_model: …}``).
 
 Policy, in order (the first rule that applies decides):
   1. a control fired (a distribution-shift guard: P and U are separable without the model, or
