@@ -71,6 +71,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return res["exit_code"]
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from cdi_ray import storage
+    from cdi_ray.pipeline.results import AUDITS_DIR, DIFF_JSON, RESULTS_JSON, write_reports
+
+    src = args.results
+    folder = src[: -len(RESULTS_JSON)].rstrip("/") or "." if src.endswith(RESULTS_JSON) else src
+    results_uri = storage.join(folder, RESULTS_JSON)
+    if not storage.exists(results_uri):
+        raise UserError(f"{src}: no results here (expected {results_uri}, written by `cdi-ray audit`)")
+    results = json.loads(storage.read_bytes(results_uri))
+    docs, missing = [], []
+    for a in results.get("audits", []):
+        uri = storage.join(folder, AUDITS_DIR, f"{a['audit_id']}.json")
+        if storage.exists(uri):
+            docs.append(json.loads(storage.read_bytes(uri)))
+        else:  # results written before reports existed: render from the entry alone (no plots)
+            missing.append(a["audit_id"])
+            docs.append({"schema": "cdi-ray/audit/v1", "audit": a, "fdr": results.get("fdr"), "report": None,
+                         "provenance": {}})
+    diff_uri = storage.join(folder, DIFF_JSON)
+    diff = json.loads(storage.read_bytes(diff_uri)) if storage.exists(diff_uri) else None
+    out = args.out or folder
+    write_reports(out, results, docs, diff=diff)
+    if missing:
+        print(f"note: {len(missing)} audit(s) have no audits/<id>.json; their reports show the results entry only",
+              file=sys.stderr)
+    print(f"wrote {len(docs)} audit report(s) and {storage.join(out, 'index.html')}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdi-ray",
@@ -112,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="white-box", choices=["white-box", "gray-box"], help="feature preset (default: white-box)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and of every feature draw (default: 0)")
     p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("report", help="(re)render the HTML reports of a results folder",
+                       description="Render audits/<id>.html and index.html from results.json and audits/<id>.json "
+                                   "(and diff.json, if the folder is a nightly run).")
+    p.add_argument("results", help="results folder (local or s3://) or its results.json")
+    p.add_argument("--out", help="where to write the HTML (default: the results folder itself)")
+    p.set_defaults(run=_cmd_report)
     return parser
 
 

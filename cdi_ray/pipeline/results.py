@@ -19,6 +19,14 @@ unusable_images``. The verdict policy is :func:`cdi_ray.stats.verdict` (docs/VER
 
 The FDR adjustment runs over the audits that produced a p-value (failed audits are excluded);
 with ``fdr.method: none`` each audit is judged at its own alpha.
+
+Reports (docs/REPORTS.md), written after ``results.json``:
+
+* ``audits/<audit_id>.json`` — :func:`audit_document`: the results entry, the batch's FDR
+  settings, the report payload (score histograms, per-feature AUCs and weights, p-value vs n;
+  :func:`cdi_ray.pipeline.aggregate.report_payload`) and the provenance needed to re-run it;
+* ``audits/<audit_id>.html`` and ``index.html`` — rendered from those JSON files by
+  :mod:`cdi_ray.report` (``cdi-ray report`` re-renders them).
 """
 from __future__ import annotations
 
@@ -34,8 +42,10 @@ import pyarrow.parquet as pq
 from cdi_ray import storage
 
 SCHEMA = "cdi-ray/results/v1"
+AUDIT_SCHEMA = "cdi-ray/audit/v1"
 RESULTS_JSON, RESULTS_PARQUET, IMAGES_PARQUET = "results.json", "results.parquet", "images.parquet"
 DIFF_JSON, DIFF_MD = "diff.json", "diff.md"
+AUDITS_DIR, INDEX_HTML = "audits", "index.html"
 
 #: Columns of results.parquet, in order (the JSON entries carry these plus ``unusable_images``).
 ENTRY_COLUMNS = {
@@ -181,6 +191,58 @@ def write_results(batch: BatchResult) -> None:
 
 def read_results(output: str) -> dict:
     return json.loads(storage.read_bytes(storage.join(output, RESULTS_JSON)))
+
+
+# ----------------------------------------------------------------------------------------------
+# per-audit documents and HTML reports
+# ----------------------------------------------------------------------------------------------
+#: Packages whose versions go into every audit document (a re-run should use the same ones).
+SOFTWARE = ("cdi-ray", "numpy", "scipy", "scikit-learn", "torch", "diffusers", "ray", "pyarrow", "pydantic", "pillow")
+
+
+def software_versions() -> dict:
+    """``{package: version}`` of :data:`SOFTWARE` (``None`` if not installed), plus Python and platform."""
+    import platform
+    from importlib import metadata
+
+    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in SOFTWARE:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def audit_document(entry: dict, *, fdr: dict, report: dict | None, provenance: dict) -> dict:
+    """The JSON a per-audit report is rendered from (``audits/<audit_id>.json``).
+
+    Args:
+        entry (`dict`): the audit's ``results.json`` entry, unchanged.
+        fdr (`dict`): the batch's ``fdr`` section (method, q, n_tested).
+        report (`dict` or `None`): :func:`cdi_ray.pipeline.aggregate.report_payload` (None: failed audit).
+        provenance (`dict`): manifest entry, model, feature config, seed, software, run timings.
+    """
+    return {"schema": AUDIT_SCHEMA, "audit": entry, "fdr": fdr, "report": report, "provenance": provenance}
+
+
+def write_reports(output: str, results: dict, documents: list[dict], diff: dict | None = None) -> list[str]:
+    """``audits/<id>.json``, ``audits/<id>.html`` per document and ``index.html`` under ``output``.
+
+    Returns the URIs written. The HTML is rendered by :mod:`cdi_ray.report`.
+    """
+    from cdi_ray.report import render_audit_html, render_index_html
+
+    written = []
+    for doc in documents:
+        aid = doc["audit"]["audit_id"]
+        base = storage.join(output, AUDITS_DIR, aid)
+        storage.atomic_write_bytes(base + ".json", json.dumps(doc, indent=1, allow_nan=False).encode())
+        storage.atomic_write_bytes(base + ".html", render_audit_html(doc).encode())
+        written += [base + ".json", base + ".html"]
+    index = storage.join(output, INDEX_HTML)
+    storage.atomic_write_bytes(index, render_index_html(results, diff=diff).encode())
+    return written + [index]
 
 
 # ----------------------------------------------------------------------------------------------

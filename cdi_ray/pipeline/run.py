@@ -19,7 +19,9 @@ Steps (each logged with its counts):
    (:mod:`cdi_ray.pipeline.aggregate`): the calibrated test and the controls; the default
    procedure's permutation cap is raised so the batch's FDR control can resolve its smallest
    threshold (:func:`batch_max_permutations`);
-7. **results**: FDR across the batch, verdicts, files (:mod:`cdi_ray.pipeline.results`).
+7. **results**: FDR across the batch, verdicts, files (:mod:`cdi_ray.pipeline.results`);
+8. **reports**: per audit ``audits/<id>.json`` (entry, report payload, provenance) and
+   ``audits/<id>.html``, and the batch's ``index.html`` (:mod:`cdi_ray.report`; docs/REPORTS.md).
 
 The driver holds URIs, hashes and per-audit outcomes — never images or feature matrices — so
 its memory grows with the number of URIs, not with pixels.
@@ -45,7 +47,8 @@ from cdi_ray.pipeline import plan as planning
 from cdi_ray.pipeline.actors import (DESCRIPTOR_PARTITION, FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT,
                                      decode_batch, describe_batch, describe_model, write_batch)
 from cdi_ray.pipeline.aggregate import AuditAggregator, AuditJob, AuditOutcome, ImageRef
-from cdi_ray.pipeline.results import BatchResult, build_entries, summarize, write_results
+from cdi_ray.pipeline.results import (BatchResult, audit_document, build_entries, software_versions, summarize,
+                                     write_reports, write_results)
 from cdi_ray.pipeline.store import FeatureStore
 from cdi_ray.spec import Manifest
 
@@ -582,5 +585,38 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     batch = BatchResult(output=output, audits=entries, summary=summarize(entries), fdr=fdr, run=run)
     if write:
         write_results(batch)
+        # 8. reports: a report that cannot be written never loses the results written above
+        try:
+            software = software_versions()
+            docs = [audit_document(e, fdr=fdr, report=(outcomes.get(a.id).report if outcomes.get(a.id) else None),
+                                   provenance=_provenance(manifest, a, e, configs.get(audit_key.get(a.id, "")),
+                                                          infos.get(a.model), run, software))
+                    for a, e in zip(manifest.audits, entries)]
+            write_reports(output, batch.to_dict(), docs)
+        except Exception as exc:  # noqa: BLE001
+            log.error("writing the HTML reports failed (results.json is complete): %s: %s", type(exc).__name__, exc)
     log.info("batch done: %s", batch.summary)
     return batch
+
+
+def _provenance(manifest: Manifest, audit, entry: dict, feature_config: dict | None, info: dict | None,
+                run: dict, software: dict) -> dict:
+    """What a third party needs to re-run one audit: the manifest entry as validated, the model,
+    the feature config, seed, the batch settings, software versions and the run's timings."""
+    model = manifest.models[audit.model]
+    return {
+        "manifest_hash": run["manifest_hash"],
+        "manifest_entry": audit.model_dump(mode="json"),
+        "model": {"name": audit.model, "uri": model.uri, "fingerprint": entry.get("model_fingerprint"),
+                  "access": model.access, "dtype": model.dtype, "options": dict(model.options),
+                  "family": (info or {}).get("family"), "image_size": (info or {}).get("image_size"),
+                  "image_channels": (info or {}).get("image_channels")},
+        "feature_key": entry.get("feature_key"),
+        "feature_config": feature_config,
+        "seed": audit.seed,
+        "controls": manifest.controls_of(audit).model_dump(mode="json"),
+        "fdr": manifest.fdr.model_dump(mode="json"),
+        "software": software,
+        "run": {k: run.get(k) for k in ("run_id", "output", "feature_store", "started_at", "finished_at", "seconds",
+                                        "timings", "max_permutations")},
+    }
