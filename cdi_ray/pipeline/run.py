@@ -83,6 +83,13 @@ REFERENCE_SUFFIX = "@reference"
 LOCAL_NUM_CPUS = 8
 
 
+def _one_line(exc: BaseException) -> str:
+    """A remote error as one readable line: the original exception, not Ray's wrapped traceback."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect to ``address`` / ``$RAY_ADDRESS`` if set (``ray job submit`` sets it), else start a local Ray."""
     import ray
@@ -533,7 +540,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             except Exception as exc:  # noqa: BLE001 — the group's audits fail, the others go on
                 _POOL.clear()  # do not reuse a pool that lost an actor
                 for job in groups[group]:
-                    outcomes[job.audit_id] = AuditOutcome(job.audit_id, "failed", error=f"aggregator failed: {exc}")
+                    outcomes[job.audit_id] = AuditOutcome(job.audit_id, "failed", error=f"aggregator failed: {_one_line(exc)}")
     for a in manifest.audits:
         ref = manifest.controls_of(a).reference_model
         shadow = outcomes.pop(a.id + REFERENCE_SUFFIX, None)
