@@ -66,6 +66,7 @@ code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font
 #audits th{cursor:pointer;user-select:none;white-space:nowrap}
 #audits th[aria-sort=ascending]::after{content:" \\25B2"}#audits th[aria-sort=descending]::after{content:" \\25BC"}
 a{color:#0b57d0}
+#unusable td:nth-child(2){width:45%}
 @media (max-width:800px){.plots{grid-template-columns:1fr}}
 """
 

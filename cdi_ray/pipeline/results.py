@@ -231,7 +231,7 @@ def write_reports(output: str, results: dict, documents: list[dict], diff: dict 
 
     Returns the URIs written. The HTML is rendered by :mod:`cdi_ray.report`.
     """
-    from cdi_ray.report import render_audit_html, render_index_html
+    from cdi_ray.report import render_audit_html
 
     written = []
     for doc in documents:
@@ -240,9 +240,16 @@ def write_reports(output: str, results: dict, documents: list[dict], diff: dict 
         storage.atomic_write_bytes(base + ".json", json.dumps(doc, indent=1, allow_nan=False).encode())
         storage.atomic_write_bytes(base + ".html", render_audit_html(doc).encode())
         written += [base + ".json", base + ".html"]
+    return written + [write_index(output, results, diff)]
+
+
+def write_index(output: str, results: dict, diff: dict | None = None) -> str:
+    """``index.html`` under ``output`` (with the nightly diff view when ``diff`` is given); returns its URI."""
+    from cdi_ray.report import render_index_html
+
     index = storage.join(output, INDEX_HTML)
     storage.atomic_write_bytes(index, render_index_html(results, diff=diff).encode())
-    return written + [index]
+    return index
 
 
 # ----------------------------------------------------------------------------------------------
