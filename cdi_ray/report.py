@@ -415,15 +415,17 @@ def render_audit_html(audit_json: dict) -> str:
     floor = test.get("p_at_floor")
     p_raw = fmt_p(a.get("p_value")) + (" (no permutation reached the observed statistic: the true p-value is smaller)"
                                        if floor else "")
+    tested = a.get("p_value") is not None
     perm = (f"{e(test.get('n_exceedances'))} of {e(test.get('n_permutations'))} random relabellings gave a statistic "
-            f"at least as large"
-            if test.get("n_permutations") is not None else "analytic")
+            f"at least as large" if test.get("n_permutations") is not None
+            else "none (analytic p-value)" if test else "—")
     rows = [
         ("p-value (raw)", f'<span id="p-raw">{p_raw}</span>'),
         ("p-value, FDR-adjusted", f'<span id="p-adj">{fmt_p(a.get("p_adjusted"))}</span>'
          + ("" if adjusted else ' <span class="note">(no adjustment: fdr.method is none)</span>')),
         ("decision rule", level_text),
-        ("FDR decision", "reject (significant)" if a.get("fdr_reject") else "not rejected" if adjusted else "—"),
+        ("FDR decision", "—" if not (adjusted and tested) else "reject (significant)" if a.get("fdr_reject")
+         else "not rejected"),
         ("effect size (Cohen's d of held-out scores)", fmt_num(a.get("effect_size"))),
         ("AUC of held-out scores", fmt_num(a.get("auc"))),
         ("direction", e(a.get("direction"))),
