@@ -199,6 +199,8 @@ def test_nightly_computes_only_new_images_and_diffs(ray_local, models, data, tmp
     assert any(c["audit_id"] == "n1" and c["n_published"] == {"before": 10, "after": 12} for c in second["diff"]["changed"])
     for name in ("results.json", "results.parquet", "images.parquet", "diff.json", "diff.md"):
         assert (root / "2026-11-28" / name).exists(), name
+    index = (root / "2026-11-28" / "index.html").read_text()
+    assert "n2" in index and "diff" in index.lower()  # the index carries the night's diff view
     assert sorted(os.listdir(root)) == ["2026-11-27", "2026-11-28", "features"]
 
 

@@ -17,7 +17,8 @@ import re
 from datetime import datetime, timezone
 
 from cdi_ray import storage
-from cdi_ray.pipeline.results import (DIFF_JSON, DIFF_MD, RESULTS_JSON, diff_markdown, diff_results, read_results)
+from cdi_ray.pipeline.results import (DIFF_JSON, DIFF_MD, RESULTS_JSON, diff_markdown, diff_results, read_results,
+                                     write_index)
 from cdi_ray.spec import Manifest
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -56,5 +57,6 @@ def run_nightly(manifest: Manifest, *, date: str | None = None, root: str | None
     diff = diff_results(previous, batch.to_dict())
     storage.atomic_write_bytes(storage.join(out, DIFF_JSON), json.dumps(diff, indent=2).encode())
     storage.atomic_write_bytes(storage.join(out, DIFF_MD), diff_markdown(diff).encode())
+    write_index(out, batch.to_dict(), diff)  # the index page with the night's diff view
     return {"output": out, "previous": prev_dir, "summary": batch.summary, "diff": diff,
             "exit_code": batch.exit_code, "run": batch.run}
