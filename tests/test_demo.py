@@ -1,0 +1,36 @@
+"""The embedded default, end to end through the Ray pipeline, at a small n."""
+import json
+
+from cdi_ray.demo.audit import demo_audits, materialise, run_demo
+from cdi_ray.images import content_hash
+
+N = 60  # above stats.MIN_SAMPLES (50); the easy model's members separate at n≈20 (docs/DEMO_DATA.md)
+PRESET = "gray-box"  # forward passes only: a third of the white-box cost, still decisive on the easy model
+
+
+def test_demo_audit_reaches_the_right_verdicts(tmp_path):
+    res = run_demo(tmp_path, n=N, models=("easy",), preset=PRESET)
+    entries = {e["audit_id"]: e for e in res["results"]["audits"]}
+    assert all(e["status"] == "done" for e in entries.values()), entries
+    assert entries["easy-members"]["verdict"] == "used", entries["easy-members"]["verdict_reason"]
+    # the held-out-vs-held-out audit must never accuse
+    assert entries["easy-heldout"]["verdict"] != "used"
+    assert res["never_false_used"]
+    on_disk = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert {a["audit_id"] for a in on_disk["audits"]} == {a.id for a in demo_audits(("easy",))}
+    assert "easy-members" in res["table"] and "expected" in res["table"]
+
+
+def test_demo_collections_are_deterministic_and_disjoint(tmp_path):
+    a = materialise(tmp_path / "a", n=N, models=("easy",))
+    b = materialise(tmp_path / "b", n=N, models=("easy",))
+
+    def hashes(folder):
+        return sorted(content_hash(p.read_bytes()) for p in folder.iterdir())
+
+    for name in a:
+        assert hashes(a[name]) == hashes(b[name]), name
+        assert len(hashes(a[name])) == N
+    # P of the held-out audit and U share no image; members and held-out share none
+    assert not set(hashes(a["heldout-a"])) & set(hashes(a["heldout-b"]))
+    assert not set(hashes(a["members-easy"])) & set(hashes(a["heldout-a"]))
