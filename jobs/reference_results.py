@@ -1,0 +1,175 @@
+"""Reference results on the demo models: the paper's evaluations, reproduced on our own data.
+
+For each shipped demo model (``easy``, ``hard``) this job extracts the white-box features of its
+members and of the bundle's held-out pool (in-process, the same ``FeatureExtractor`` the pipeline's
+actors run, on the PNG bytes ``cdi-ray demo`` writes — so the content hashes and therefore every
+random draw match the pipeline's), then reports:
+
+1. single-feature MIA: TPR at FPR = 1 % and AUC per feature family (best column of multi-column
+   families), lower raw feature = member;
+2. minimum |P| for mean p < 0.01 per feature group (MIAs, GM, ML, NO, all), on METHOD.md's n-grid;
+3. partial use: mean p with P = (1 − r)·members + r·held-out, r ∈ {0, .1, .3, .5, .8};
+4. false-positive rate, held-out vs held-out, of the default and of the paper's procedures.
+
+    python jobs/reference_results.py --out docs/reference_results.json      # both models (~15 min on 2 cores)
+    python jobs/reference_results.py --smoke-test                           # tiny, seconds
+
+Features are cached (``--cache``) so the statistics can be re-run without the model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+#: Feature groups of the paper's ablation (column prefixes of the white-box preset).
+GROUPS = {
+    "MIAs": ("dl", "secmi", "pia", "pian"),
+    "GM": ("gm_",),
+    "ML": ("ml_",),
+    "NO": ("no_",),
+    "all": ("",),
+}
+FAMILIES = ("dl", "secmi", "pia", "pian", "gm_", "ml_", "no_")
+MIX_R = (0.0, 0.1, 0.3, 0.5, 0.8)
+#: Batch for in-process extraction: the demo UNet is ~1 M parameters at 16×16, so 256 images fit easily.
+BATCH = 256
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["easy", "hard"])
+    p.add_argument("--repeats", type=int, default=20, help="random audits per n for the mean-p curves")
+    p.add_argument("--null-repeats", type=int, default=200, help="held-out vs held-out audits per procedure")
+    p.add_argument("--null-n", type=int, default=200, help="|P| = |U| of the held-out vs held-out audits")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "cdi-ray" / "reference"), help="feature cache folder")
+    p.add_argument("--out", default="reference_results.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke-test", action="store_true", help="easy model, 60 images per pool, 3 repeats")
+    return p.parse_args(argv)
+
+
+def extract(model_name: str, indices: np.ndarray, *, seed: int, cache: Path) -> tuple[np.ndarray, list[str], float]:
+    """White-box features of bundle images ``indices`` on demo model ``model_name`` (cached)."""
+    import torch
+
+    from cdi_ray.demo.audit import encode_png
+    from cdi_ray.demo.bundle import demo_model_dir, load_bundle
+    from cdi_ray.features.config import FeatureConfig
+    from cdi_ray.features.extractor import FeatureExtractor
+    from cdi_ray.images import content_hash
+    from cdi_ray.models import load_model
+    from cdi_ray.models.base import ImageMeta
+
+    model = load_model(demo_model_dir(model_name))
+    config = FeatureConfig(features="white-box", seed=seed)
+    key = hashlib.sha256(f"{model.fingerprint}|{config.config_hash()}|{indices.tobytes().hex()}".encode()).hexdigest()[:16]
+    file = cache / f"{model_name}-{key}.npz"
+    if file.exists():
+        data = np.load(file, allow_pickle=False)
+        return data["X"], list(data["columns"]), float(data["seconds"])
+    bundle = load_bundle()
+    extractor = FeatureExtractor(model, config)
+    rows, t0 = [], time.perf_counter()
+    for start in range(0, len(indices), BATCH):
+        idx = indices[start:start + BATCH]
+        metas = [ImageMeta(content_hash=content_hash(encode_png(bundle.images[int(i)]))) for i in idx]
+        cols = extractor(torch.from_numpy(bundle.images_float(idx)), metas)
+        rows.append(np.stack([cols[c] for c in extractor.columns], axis=1))
+    seconds = time.perf_counter() - t0
+    X = np.concatenate(rows)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(file, X=X, columns=np.array(extractor.columns), seconds=seconds)
+    return X, list(extractor.columns), seconds
+
+
+def columns_of(columns: list[str], prefixes: tuple[str, ...]) -> list[int]:
+    return [j for j, c in enumerate(columns) if any(c == p or (p.endswith("_") or p == "") and c.startswith(p) for p in prefixes)]
+
+
+def evaluate(members: np.ndarray, heldout: np.ndarray, columns: list[str], args) -> dict:
+    from cdi_ray.stats import mean_pvalue_curve, mia_table, minimum_samples, run_test
+
+    rng = np.random.default_rng(args.seed)
+    out: dict = {"n_members": len(members), "n_heldout": len(heldout)}
+    # 1. single-feature MIA, best column per family
+    table = mia_table(members, heldout, columns)
+    best = {}
+    for fam in FAMILIES:
+        rows = [r for r in table.rows if r.name == fam or (fam.endswith("_") and r.name.startswith(fam))]
+        r = max(rows, key=lambda r: r.auc)
+        best[fam.rstrip("_")] = {"column": r.name, "tpr_at_1pct_fpr": r.tpr_at_1pct_fpr, "auc": r.auc}
+    out["mia"] = best
+    # Pools: U always from one half of the held-out pool, P's non-members from the other half.
+    perm = rng.permutation(len(heldout))
+    u_pool, nm_pool = heldout[perm[: len(perm) // 2]], heldout[perm[len(perm) // 2:]]
+    n_max = min(len(members), len(u_pool), len(nm_pool))
+    # 2. minimum |P| per feature group
+    out["minimum_n"] = {}
+    for group, prefixes in GROUPS.items():
+        cols = columns_of(columns, prefixes)
+        curve = mean_pvalue_curve(members[:, cols], nm_pool[:, cols], u_pool[:, cols],
+                                  ns=[n for n in _grid() if n <= n_max], repeats=args.repeats, seed=args.seed)
+        out["minimum_n"][group] = {"minimum_n": minimum_samples(curve), "curve": _curve(curve)}
+    # 3. partial use (all features)
+    out["partial"] = {}
+    ns = [n for n in (50, 100, 200, 400) if n <= n_max]
+    for r in MIX_R:
+        curve = mean_pvalue_curve(members, nm_pool, u_pool, ns=ns, repeats=args.repeats, mix_r=r, seed=args.seed)
+        out["partial"][str(r)] = _curve(curve)
+    # 4. false positives: held-out vs held-out
+    out["null"] = {}
+    n = min(args.null_n, len(heldout) // 2)
+    for procedure in ("crossfit-permutation", "paper-one-sided", "paper-two-sided"):
+        ps = []
+        for j in range(args.null_repeats):
+            idx = np.random.default_rng([args.seed, j]).permutation(len(heldout))
+            ps.append(run_test(heldout[idx[:n]], heldout[idx[n:2 * n]], procedure=procedure, seed=j).pvalue)
+        ps = np.asarray(ps)
+        out["null"][procedure] = {"n": n, "repeats": len(ps), "fpr_at_0.01": float(np.mean(ps <= 0.01)),
+                                  "fpr_at_0.05": float(np.mean(ps <= 0.05)), "mean_p": float(ps.mean())}
+    return out
+
+
+def _grid() -> list[int]:
+    from cdi_ray.stats import N_GRID
+
+    return list(N_GRID)
+
+
+def _curve(curve) -> dict:
+    return {str(int(n)): float(p) for n, p in zip(curve.ns, curve.mean_p)}
+
+
+def main(args: argparse.Namespace) -> dict:
+    from cdi_ray.demo.bundle import load_split
+
+    cache = Path(args.cache)
+    if args.smoke_test:
+        args.models, args.repeats, args.null_repeats, args.null_n = ["easy"], 3, 10, 30
+    report = {"date": date.today().isoformat(), "command": "python jobs/reference_results.py " +
+              ("--smoke-test" if args.smoke_test else f"--repeats {args.repeats} --null-repeats {args.null_repeats}"),
+              "models": {}}
+    for name in args.models:
+        split = load_split(name)
+        members, heldout = np.asarray(split["members"]), np.asarray(split["heldout"])
+        if args.smoke_test:
+            members, heldout = members[:60], heldout[:120]
+        Xm, columns, sm = extract(name, members, seed=args.seed, cache=cache)
+        Xh, _, sh = extract(name, heldout, seed=args.seed, cache=cache)
+        res = evaluate(Xm, Xh, columns, args)
+        res["extraction_images_per_s"] = round((len(Xm) + len(Xh)) / max(sm + sh, 1e-9), 1)
+        report["models"][name] = res
+        print(json.dumps({name: {k: res[k] for k in ("mia", "null")}}, indent=1))
+        print(json.dumps({name: {g: v["minimum_n"] for g, v in res["minimum_n"].items()}}))
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
