@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "cdi-ray" / "reference"), help="feature cache folder")
     p.add_argument("--out", default="reference_results.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-permutations", type=int, default=999,
+                   help="cap of the default test in the curves: mean p < 0.01 needs no finer floor than 1e-3")
     p.add_argument("--smoke-test", action="store_true", help="easy model, 60 images per pool, 3 repeats")
     return p.parse_args(argv)
 
@@ -114,13 +116,15 @@ def evaluate(members: np.ndarray, heldout: np.ndarray, columns: list[str], args)
     for group, prefixes in GROUPS.items():
         cols = columns_of(columns, prefixes)
         curve = mean_pvalue_curve(members[:, cols], nm_pool[:, cols], u_pool[:, cols],
-                                  ns=[n for n in _grid() if n <= n_max], repeats=args.repeats, seed=args.seed)
+                                  ns=[n for n in _grid() if n <= n_max], repeats=args.repeats, seed=args.seed,
+                                  max_permutations=args.max_permutations)
         out["minimum_n"][group] = {"minimum_n": minimum_samples(curve), "curve": _curve(curve)}
     # 3. partial use (all features)
     out["partial"] = {}
     ns = [n for n in (50, 100, 200, 400) if n <= n_max]
     for r in MIX_R:
-        curve = mean_pvalue_curve(members, nm_pool, u_pool, ns=ns, repeats=args.repeats, mix_r=r, seed=args.seed)
+        curve = mean_pvalue_curve(members, nm_pool, u_pool, ns=ns, repeats=args.repeats, mix_r=r, seed=args.seed,
+                                  max_permutations=args.max_permutations)
         out["partial"][str(r)] = _curve(curve)
     # 4. false positives: held-out vs held-out
     out["null"] = {}
