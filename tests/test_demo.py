@@ -1,6 +1,8 @@
 """The embedded default, end to end through the Ray pipeline, at a small n."""
 import json
 
+import pytest
+
 from cdi_ray.demo.audit import demo_audits, materialise, run_demo
 from cdi_ray.images import content_hash
 
@@ -8,7 +10,17 @@ N = 60  # above stats.MIN_SAMPLES (50); the easy model's members separate at nâ‰
 PRESET = "gray-box"  # forward passes only: a third of the white-box cost, still decisive on the easy model
 
 
-def test_demo_audit_reaches_the_right_verdicts(tmp_path):
+@pytest.fixture(scope="module")
+def ray_local():
+    """A Ray of this module's own (other modules start theirs with their own settings)."""
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_demo_audit_reaches_the_right_verdicts(ray_local, tmp_path):
     res = run_demo(tmp_path, n=N, models=("easy",), preset=PRESET)
     entries = {e["audit_id"]: e for e in res["results"]["audits"]}
     assert all(e["status"] == "done" for e in entries.values()), entries
