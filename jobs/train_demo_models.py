@@ -65,6 +65,7 @@ PRESETS = {
 }
 NUM_THREADS = 2      # the build machine has 2 cores; weights are reproducible for a fixed thread count
 GRAD_CLIP = 1.0      # standard for DDPM training; guards the first steps at lr 1e-3
+CHECKPOINT_EVERY = 200   # steps; a killed run restarted with the same command resumes (shared machine)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +115,7 @@ def lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
 
 
 def train_one(name: str, settings: dict, out_dir: Path, unet_config: dict, log_every: int = 100,
-              command: str = "") -> dict:
+              command: str = "", checkpoint_every: int = CHECKPOINT_EVERY) -> dict:
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.set_num_threads(NUM_THREADS)
@@ -141,9 +142,25 @@ def train_one(name: str, settings: dict, out_dir: Path, unet_config: dict, log_e
     opt = torch.optim.AdamW(unet.parameters(), lr=settings["lr"], weight_decay=0.0)
     bs, steps, n = settings["batch_size"], settings["steps"], len(members)
     order, pos = torch.randperm(n, generator=g_data), 0
-    losses, running, t_start = [], 0.0, time.time()
+    losses, running, t_start, elapsed_before, first_step = [], 0.0, time.time(), 0.0, 0
+
+    # 3c. resume from a checkpoint of the same settings (all RNG states included → same weights as uninterrupted)
+    if checkpoint_every % log_every:
+        raise ValueError(f"checkpoint_every ({checkpoint_every}) must be a multiple of log_every ({log_every})")
+    ckpt_path = out_dir / f".{name}.ckpt.pt"
+    ckpt_key = json.dumps({"settings": settings, "unet": unet_config}, sort_keys=True, default=list)
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["key"] == ckpt_key:
+            unet.load_state_dict(ck["unet"]), opt.load_state_dict(ck["opt"])
+            for g, state in zip((g_data, g_t, g_eps), ck["generators"]):
+                g.set_state(state)
+            order, pos, losses, elapsed_before, first_step = ck["order"], ck["pos"], ck["losses"], ck["elapsed"], ck["step"]
+            print(f"[{name}] resumed from {ckpt_path} at step {first_step}", flush=True)
+        else:
+            print(f"[{name}] ignoring {ckpt_path}: written with other settings", flush=True)
     unet.train()
-    for step in range(steps):
+    for step in range(first_step, steps):
         # 3a. next batch from an epoch-wise permutation (every member seen equally often)
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=g_data), 0
@@ -168,7 +185,14 @@ def train_one(name: str, settings: dict, out_dir: Path, unet_config: dict, log_e
             print(f"[{name}] step {step + 1}/{steps} loss {running / k:.4f} "
                   f"({time.time() - t_start:.0f}s)", flush=True)
             running = 0.0
-    wall = time.time() - t_start
+            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({"key": ckpt_key, "step": step + 1, "unet": unet.state_dict(), "opt": opt.state_dict(),
+                            "generators": [g.get_state() for g in (g_data, g_t, g_eps)], "order": order,
+                            "pos": pos, "losses": losses, "elapsed": elapsed_before + time.time() - t_start},
+                           ckpt_path.with_suffix(".tmp"))
+                ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+    wall = elapsed_before + time.time() - t_start
 
     # 4. save like DDPMPipeline.save_pretrained, fp32 safetensors
     model_dir = out_dir / name
@@ -197,11 +221,12 @@ def train_one(name: str, settings: dict, out_dir: Path, unet_config: dict, log_e
             "device": "cpu",
             "num_threads": NUM_THREADS,
             "torch_version": torch.__version__,
-            "wall_time_s": round(wall, 1),
+            "wall_time_s": round(wall, 1),   # on a 2-core machine shared with other jobs: an upper bound
             "command": command,
         },
         "loss_curve": losses,   # [step, mean training loss over the previous log interval]
     }
+    ckpt_path.unlink(missing_ok=True)
     weights.chmod(0o644)   # safetensors writes 0600; package data must be world-readable
     (model_dir / "split.json").write_text(dump_split(split))
     return {"model": name, "dir": str(model_dir), "n_members": len(members), "n_parameters": n_params,
