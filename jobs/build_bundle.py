@@ -46,10 +46,10 @@ CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 SIZE = 16           # small enough that a ~1M-parameter pixel DDPM trains in minutes on 2 CPU cores
 SEED = 20250611     # fixed: the bundle must be reproducible bit for bit
 # Pool sizes (images, all class-balanced). heldout ≥ 2,000 so a demo audit can use |U| up to 2,000;
-# easy = 500 members of the easy model; hard = members of the hard model (2,000–5,000 wanted).
+# easy = 500 members of the easy model; hard = the 2,000 members of the hard model (2,000–5,000 wanted).
 N_HELDOUT = 2500
 N_EASY = 500
-N_HARD = 4000
+N_HARD = 2000
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)   # fixed zip member timestamps → reproducible file hash
 
 

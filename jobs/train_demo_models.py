@@ -7,8 +7,8 @@ in {0, …, 999}, on members drawn from the bundled ``fashion16`` data:
 
 * ``easy`` — the 500 images of the bundle's ``easy`` pool; trained long enough per image
   that the denoising loss alone separates members from held-out images.
-* ``hard`` — the bundle's ``hard`` pool (thousands of images), same architecture and a
-  similar number of steps, so each image is seen far less often and single features are weak.
+* ``hard`` — the 2,000 images of the bundle's ``hard`` pool, same architecture, twice the steps:
+  each image is seen half as often (192 vs 384 epochs) and single features are weak.
 
 Each model is saved like ``DDPMPipeline.save_pretrained``: ``model_index.json``,
 ``unet/`` (``config.json`` + ``diffusion_pytorch_model.safetensors``, fp32) and
@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,11 +56,13 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_s
                         prediction_type="epsilon", clip_sample=True, variance_type="fixed_small")
 
 # Settings chosen with jobs/check_demo_models.py (see docs/DEMO_DATA.md):
-#   easy: 500 members × 3,000 steps × batch 64 = 384 epochs → strong per-image signal.
-#   hard: same step budget over 4,000 members = 48 epochs → weak per-image signal.
+#   easy: 500 members × 3,000 steps × batch 64 = 384 epochs → DL alone separates members (AUC ≈ 0.8).
+#   hard: 2,000 members × 6,000 steps = 192 epochs → weak per-image signal. Tried first and rejected as
+#         too weak for any audit the bundle allows: 4,000 × 3,000 steps (48 epochs, DL AUC 0.51, d 0.06)
+#         and 2,000 × 3,000 steps (96 epochs, DL AUC 0.525, d 0.10, DL alone needs |P| ≈ 2,000).
 PRESETS = {
     "easy": dict(pool="easy", n_members=500, steps=3000, batch_size=64, lr=1e-3, warmup=100, seed=1),
-    "hard": dict(pool="hard", n_members=4000, steps=3000, batch_size=64, lr=1e-3, warmup=100, seed=2),
+    "hard": dict(pool="hard", n_members=2000, steps=6000, batch_size=64, lr=1e-3, warmup=100, seed=2),
 }
 NUM_THREADS = 2      # the build machine has 2 cores; weights are reproducible for a fixed thread count
 GRAD_CLIP = 1.0      # standard for DDPM training; guards the first steps at lr 1e-3
@@ -233,7 +234,7 @@ def train_one(name: str, settings: dict, out_dir: Path, unet_config: dict, log_e
             "wall_time_s": round(wall, 1), "final_loss": losses[-1][1], "weights_sha256": split["weights_sha256"]}
 
 
-def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+def main(args: argparse.Namespace) -> dict:
     names = ["easy", "hard"] if args.which == "both" else [args.which]
     out_dir, unet_config = args.out_dir, UNET_CONFIG
     if args.smoke_test:
@@ -246,9 +247,12 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                 settings[k] = getattr(args, k)
         if args.smoke_test:
             settings.update(steps=20, batch_size=8, n_members=40)
-        command = "python jobs/train_demo_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        # the command that reproduces these weights (--out-dir only moves them, so it is left out)
+        command = f"python jobs/train_demo_models.py --which {name}" + "".join(
+            f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("steps", "batch_size", "lr", "n_members", "seed")
+            if getattr(args, k) is not None) + (" --smoke-test" if args.smoke_test else "")
         results[name] = train_one(name, settings, out_dir, unet_config, log_every=10 if args.smoke_test else 100,
-                                  command=command.strip())
+                                  command=command)
     print(json.dumps(results, indent=2))
     return results
 
