@@ -61,7 +61,7 @@ class PIA(Feature):
 
     @property
     def columns(self) -> list[str]:
-        return ["pia"]
+        return [self.name]
 
     def max_timestep(self) -> int:
         return max(self.config.t, self.config.eps0_timestep)
@@ -72,29 +72,20 @@ class PIA(Feature):
     def private_passes(self) -> Passes:
         return Passes(forward=1)
 
+    def initial_noise(self, eps0: torch.Tensor) -> torch.Tensor:
+        """The ε that proximal initialisation noises z with: ε0 itself for PIA."""
+        return eps0
+
     def compute(self, ctx: EvalContext):
         eps0 = ctx.get(CleanKey(self.config.eps0_timestep)).pred
-        return {"pia": pia_score(ctx, eps0, self.config.t, self.config.p)}
+        return {self.name: pia_score(ctx, self.initial_noise(eps0), self.config.t, self.config.p)}
 
 
-class PIAN(Feature):
+class PIAN(PIA):
+    """PIA with ε0 rescaled to look like standard normal noise (N·c·ε0/‖ε0‖₁)."""
+
     name = "pian"
     Config = PIANConfig
 
-    @property
-    def columns(self) -> list[str]:
-        return ["pian"]
-
-    def max_timestep(self) -> int:
-        return max(self.config.t, self.config.eps0_timestep)
-
-    def shared_requests(self) -> list[Request]:
-        return [Request(CleanKey(self.config.eps0_timestep))]
-
-    def private_passes(self) -> Passes:
-        return Passes(forward=1)
-
-    def compute(self, ctx: EvalContext):
-        eps0 = ctx.get(CleanKey(self.config.eps0_timestep)).pred
-        eps0 = normalise_eps(eps0, PIAN_CONSTANTS[self.config.constant])
-        return {"pian": pia_score(ctx, eps0, self.config.t, self.config.p)}
+    def initial_noise(self, eps0: torch.Tensor) -> torch.Tensor:
+        return normalise_eps(eps0, PIAN_CONSTANTS[self.config.constant])
