@@ -35,7 +35,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from cdi_ray.spec import load_manifest
 
-    m = load_manifest(args.manifest)
+    m = load_manifest(args.manifest, root=args.output_root)
     print(f"{args.manifest}: valid — {len(m.models)} model(s), {len(m.audits)} audit(s), output {m.output}")
     return EXIT_OK
 
@@ -44,7 +44,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from cdi_ray.pipeline.run import ensure_ray, run_manifest
     from cdi_ray.spec import load_manifest
 
-    manifest = load_manifest(args.manifest)
+    from cdi_ray.spec import location_problems, output_root
+
+    manifest = load_manifest(args.manifest, root=args.output_root)
+    outside = location_problems({"--out": args.out, "--feature-store": args.feature_store}, output_root(args.output_root))
+    if outside:
+        raise UserError("; ".join(outside))
     ensure_ray(args.address, num_cpus=args.num_cpus)
     batch = run_manifest(manifest, args.out, feature_store=args.feature_store)
     s = batch.summary
@@ -103,6 +108,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+ROOT_HELP = ("folder or s3:// prefix that every output and feature-store location must lie under "
+             "(default: $CDI_RAY_OUTPUT_ROOT; unset: no confinement)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdi-ray",
@@ -126,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a manifest without running it",
                        description="Validate a manifest (YAML or JSON, local or s3://): keys, types, model names, feature and test settings.")
     p.add_argument("manifest", help="manifest file (local path or s3:// URI)")
+    p.add_argument("--output-root", help=ROOT_HELP)
     p.set_defaults(run=_cmd_validate)
 
     p = sub.add_parser("audit", help="run every audit of a manifest (local Ray, or the cluster at $RAY_ADDRESS)",
@@ -135,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-store", help="feature store location (default: the manifest's, else <output>/features)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(8, cores))")
+    p.add_argument("--output-root", help=ROOT_HELP)
     p.set_defaults(run=_cmd_audit)
 
     p = sub.add_parser("demo", help="audit the embedded Fashion-MNIST collections against the two shipped demo models",

@@ -117,6 +117,8 @@ class ModelSpec(_Spec):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when num_gpus > 0, else cpu")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weight dtype; non-float32 also runs f under autocast")
     options: dict[str, Any] = Field(default_factory=dict, description="family options for the loader, e.g. {missing_label: null}")
+    max_batch_mb: float | None = Field(None, gt=0, description="ceiling on one feature call's input tensor (MB); a larger call "
+                                                               "fails as out of memory and is split in halves — emulates a smaller accelerator")
 
     @field_validator("uri")
     @classmethod
@@ -445,8 +447,32 @@ def _problems(exc: ValidationError) -> list[str]:
     return out
 
 
-def parse_manifest(data: Any, *, base_dir: str | None = None, source: str | None = None) -> Manifest:
-    """Validate already-parsed manifest data; relative local paths resolve against ``base_dir``."""
+#: Environment variable naming the configured output root (the CLI's ``--output-root`` wins).
+OUTPUT_ROOT_ENV = "CDI_RAY_OUTPUT_ROOT"
+
+
+def output_root(explicit: str | None = None) -> str | None:
+    """The operator's output root: ``explicit`` (``--output-root``), else ``$CDI_RAY_OUTPUT_ROOT``, else None (no confinement)."""
+    return explicit or os.environ.get(OUTPUT_ROOT_ENV) or None
+
+
+def location_problems(locations: dict[str, str | None], root: str | None) -> list[str]:
+    """One problem per location (field name → URI) that escapes ``root`` (e.g. with ``..``)."""
+    from cdi_ray.storage import is_within
+
+    if not root:
+        return []
+    return [f"{field}: {uri!r} is outside the configured output root {root!r} — write it under the root "
+            f"(set by --output-root or ${OUTPUT_ROOT_ENV})"
+            for field, uri in locations.items() if uri is not None and not is_within(uri, root)]
+
+
+def parse_manifest(data: Any, *, base_dir: str | None = None, source: str | None = None,
+                   root: str | None = None) -> Manifest:
+    """Validate already-parsed manifest data; relative local paths resolve against ``base_dir``.
+
+    ``root`` (default :func:`output_root`): ``output`` and ``feature_store`` must lie under it.
+    """
     if not isinstance(data, dict):
         raise ManifestError([f"(manifest): expected a mapping with keys models, audits, output; got {type(data).__name__}"], source)
     try:
@@ -455,11 +481,14 @@ def parse_manifest(data: Any, *, base_dir: str | None = None, source: str | None
         raise ManifestError(_problems(exc), source) from None
     if base_dir is not None:
         manifest = _resolve_relative(manifest, base_dir)
+    problems = location_problems({"output": manifest.output, "feature_store": manifest.feature_store}, output_root(root))
+    if problems:
+        raise ManifestError(problems, source)
     return manifest
 
 
-def load_manifest(path_or_uri: str | os.PathLike) -> Manifest:
-    """Read, parse and validate a manifest (local path, ``file://`` or ``s3://``).
+def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None) -> Manifest:
+    """Read, parse and validate a manifest (local path, ``file://`` or ``s3://``); ``root`` as in :func:`parse_manifest`.
 
     Raises:
         ManifestError: the file is unreadable, not YAML/JSON, or invalid; ``.problems`` lists each issue.
@@ -485,7 +514,7 @@ def load_manifest(path_or_uri: str | os.PathLike) -> Manifest:
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ManifestError([f"(file): not valid YAML/JSON — {exc}"], uri) from None
     base_dir = None if storage.is_remote(uri) else str(Path(storage.local_path(uri)).parent)
-    return parse_manifest(data, base_dir=base_dir, source=uri)
+    return parse_manifest(data, base_dir=base_dir, source=uri, root=root)
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

@@ -12,6 +12,10 @@ pyarrow's S3FileSystem) because it gives the three things the pipeline relies on
 Endpoint and credentials come only from the environment / instance role, exactly as boto3 reads
 them (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible stores and tests,
 ``AWS_ACCESS_KEY_ID``…, the EC2 instance profile). Nothing here takes, stores or logs a secret.
+
+Failures come out as OSErrors that name the URI: ``FileNotFoundError`` (404), ``PermissionError``
+(403) and :class:`StorageError` (anything still failing after the retries), so one unreadable
+object fails its image or its audit, not the batch.
 This module imports no Ray.
 """
 from __future__ import annotations
@@ -19,10 +23,16 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+#: Attempts per S3 request (``AWS_MAX_ATTEMPTS`` overrides): throttling (SlowDown, 503), other 5xx
+#: and dropped connections are retried with exponential backoff and client-side rate limiting
+#: (botocore's "adaptive" mode); 403 and 404 are not retried.
+S3_MAX_ATTEMPTS = 8
 
 #: Keys per ListObjectsV2 page (S3's maximum; tests lower it to exercise pagination).
 S3_PAGE_SIZE = 1000
@@ -75,6 +85,22 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def is_within(uri: str, root: str) -> bool:
+    """True if ``uri`` is ``root`` or below it, after resolving ``..`` (and, locally, symlinks):
+    the check that keeps outputs inside an operator's configured root."""
+    uri, root = str(uri), str(root)
+    if is_remote(uri) != is_remote(root):
+        return False
+    if is_remote(uri):
+        (b1, k1), (b2, k2) = split_s3(uri), split_s3(root)
+        if ".." in k1.split("/") or ".." in k2.split("/"):
+            return False  # S3 keys take '..' literally; a location that spells one is never trusted
+        k1, k2 = k1.strip("/"), k2.strip("/")
+        return b1 == b2 and (not k2 or k1 == k2 or k1.startswith(k2 + "/"))
+    u, r = os.path.realpath(local_path(uri)), os.path.realpath(local_path(root))
+    return u == r or u.startswith(r.rstrip(os.sep) + os.sep)
+
+
 def parent(uri: str) -> str:
     uri = str(uri).rstrip("/")
     if is_remote(uri):
@@ -102,7 +128,8 @@ def s3_client():
             import boto3
             from botocore.config import Config
 
-            cfg = Config(retries={"max_attempts": 8, "mode": "adaptive"}, max_pool_connections=32)
+            attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
+            cfg = Config(retries={"max_attempts": attempts, "mode": "adaptive"}, max_pool_connections=32)
             _client = (os.getpid(), boto3.session.Session().client("s3", config=cfg))
         return _client[1]
 
@@ -115,8 +142,41 @@ def reset_client() -> None:
 
 
 def _is_missing(exc: Exception) -> bool:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+    return _code(exc) in _MISSING
+
+
+_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+_DENIED = ("403", "AccessDenied", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class StorageError(OSError):
+    """An S3 request that failed after boto3's retries (throttling, 5xx, connection resets are
+    retried with exponential backoff first); the message names the URI and the S3 error."""
+
+
+@contextmanager
+def _s3_errors(uri: str):
+    """Turn botocore's errors into OSErrors that say what to do: ``FileNotFoundError`` (404),
+    ``PermissionError`` (403: the environment's credentials lack the permission), else
+    :class:`StorageError` — so callers handle storage failures as the OSErrors they are."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        code = _code(exc)
+        if code in _MISSING:
+            raise FileNotFoundError(f"{uri} does not exist") from None
+        if code in _DENIED:
+            raise PermissionError(f"{uri}: access denied ({code}) — grant the environment's credentials "
+                                  "s3:GetObject / s3:ListBucket on it") from None
+        raise StorageError(f"{uri}: S3 error {code or type(exc).__name__} after retries — {exc}") from None
+    except BotoCoreError as exc:  # connection refused/reset, timeouts (after retries), checksum mismatch
+        raise StorageError(f"{uri}: S3 request failed after retries — {type(exc).__name__}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,33 +192,25 @@ class FileEntry:
 
 
 def read_bytes(uri: str) -> bytes:
-    """The whole object. Raises ``FileNotFoundError`` when it does not exist."""
+    """The whole object. Raises ``FileNotFoundError`` (missing), ``PermissionError`` (denied) or
+    :class:`StorageError` (S3 failed after retries)."""
     if is_remote(uri):
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
-        try:
+        with _s3_errors(uri):
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(uri) from None
-            raise
     with open(local_path(uri), "rb") as f:
         return f.read()
 
 
 def exists(uri: str) -> bool:
     if is_remote(uri):
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
         try:
-            s3_client().head_object(Bucket=bucket, Key=key)
+            with _s3_errors(uri):
+                s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except ClientError as exc:
-            if _is_missing(exc):
-                return False
-            raise
+        except FileNotFoundError:
+            return False
     return os.path.exists(local_path(uri))
 
 
@@ -169,7 +221,8 @@ def iter_files(uri: str) -> Iterator[FileEntry]:
     that file. Hidden files and folders (name starting with ``.``) are skipped.
     """
     if is_remote(uri):
-        yield from _iter_s3(uri)
+        with _s3_errors(uri):
+            yield from _iter_s3(uri)
         return
     root = local_path(uri)
     if os.path.isfile(root):
@@ -199,11 +252,12 @@ def _iter_s3(uri: str) -> Iterator[FileEntry]:
 
         try:
             head = client.head_object(Bucket=bucket, Key=key)
-            yield FileEntry(uri, int(head["ContentLength"]), head["ETag"].strip('"'))
-            return
         except ClientError as exc:
             if not _is_missing(exc):
                 raise
+        else:
+            yield FileEntry(uri, int(head["ContentLength"]), head["ETag"].strip('"'))
+            return
         key += "/"
     found = False
     paginator = client.get_paginator("list_objects_v2")
@@ -231,15 +285,9 @@ def list_images(uri: str) -> list[FileEntry]:
 def stat(uri: str) -> FileEntry:
     """Size and version tag of one file."""
     if is_remote(uri):
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
-        try:
+        with _s3_errors(uri):
             head = s3_client().head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(uri) from None
-            raise
         return FileEntry(uri, int(head["ContentLength"]), head["ETag"].strip('"'))
     p = local_path(uri)
     st = os.stat(p)
@@ -277,7 +325,8 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
     """
     if is_remote(uri):
         bucket, key = split_s3(uri)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        with _s3_errors(uri):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
     path = local_path(uri)
     folder = os.path.dirname(path)
@@ -301,7 +350,8 @@ def delete(uri: str) -> None:
     """Remove one file; missing files are fine."""
     if is_remote(uri):
         bucket, key = split_s3(uri)
-        s3_client().delete_object(Bucket=bucket, Key=key)
+        with _s3_errors(uri):
+            s3_client().delete_object(Bucket=bucket, Key=key)
         return
     try:
         os.unlink(local_path(uri))
@@ -316,9 +366,10 @@ def list_subdirs(uri: str) -> list[str]:
         key = key.rstrip("/") + "/" if key else ""
         names = []
         paginator = s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/", PaginationConfig={"PageSize": S3_PAGE_SIZE}):
-            for cp in page.get("CommonPrefixes", ()):
-                names.append(cp["Prefix"][len(key):].rstrip("/"))
+        with _s3_errors(uri):
+            for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/", PaginationConfig={"PageSize": S3_PAGE_SIZE}):
+                for cp in page.get("CommonPrefixes", ()):
+                    names.append(cp["Prefix"][len(key):].rstrip("/"))
         return sorted(names)
     root = local_path(uri)
     if not os.path.isdir(root):

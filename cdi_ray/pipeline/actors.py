@@ -76,7 +76,7 @@ def materialize_model(uri: str) -> str:
     """A local directory holding the model at ``uri`` (downloaded once per node for ``s3://``).
 
     The cache entry is named by the URI and the objects' ETags, so a re-uploaded model is fetched
-    again. Concurrent actors on one node take a file lock; the download lands in a temp folder
+    again; every file is checked against its size and checksum (:func:`fetch_verified`). Concurrent actors on one node take a file lock; the download lands in a temp folder
     that is renamed into place, so a crash never leaves a half model that looks complete.
     """
     if not storage.is_remote(uri):
@@ -102,11 +102,33 @@ def materialize_model(uri: str) -> str:
                 path = os.path.join(tmp, *rel.split("/"))
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "wb") as f:
-                    f.write(storage.read_bytes(e.uri))
+                    f.write(fetch_verified(e))
             os.rename(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def fetch_verified(entry: storage.FileEntry, attempts: int = 2) -> bytes:
+    """An object's bytes, checked against its listing: the size, and the MD5 where the ETag is one
+    (single-part uploads; botocore also checks the object's own CRC when S3 stored one). A
+    mismatch is fetched again; a second mismatch is an error — a corrupted model never reaches the cache."""
+    problem = ""
+    for _ in range(attempts):
+        try:
+            data = storage.read_bytes(entry.uri)
+        except storage.StorageError as exc:  # e.g. botocore's checksum mismatch
+            problem = str(exc)
+            continue
+        if len(data) != entry.size:
+            problem = f"got {len(data):,} bytes, the listing says {entry.size:,}"
+        elif len(entry.version) == 32 and all(c in "0123456789abcdef" for c in entry.version) \
+                and hashlib.md5(data).hexdigest() != entry.version:
+            problem = f"MD5 {hashlib.md5(data).hexdigest()} ≠ ETag {entry.version}"
+        else:
+            return data
+    raise OSError(f"model file {entry.uri}: checksum mismatch after {attempts} downloads ({problem}) — "
+                  "the object or the network corrupts it; re-upload the model")
 
 
 def describe_model(uri: str, store_root: str, load_options: dict | None = None) -> dict:
@@ -271,6 +293,13 @@ class FeatureStage:
         device (`str`): ``"cpu"`` or ``"cuda"``.
         dtype (`str`): weight dtype for ``load_model``.
         load_options (`dict`): family options for ``load_model`` (e.g. ``missing_label``).
+        max_batch_mb (`float`, *optional*): ceiling on one model call's input tensor; a larger call
+            fails as out of memory (``MemoryError``) — emulates a smaller accelerator, and drives the
+            out-of-memory path deterministically.
+
+    Out of memory (``torch.OutOfMemoryError`` or ``MemoryError``) in a call never loses the batch:
+    the call is retried on each half, down to single images; an image that does not fit alone is
+    an ``error`` row (``out_of_memory: …``) and the rest of the batch is computed.
     """
 
     model_uri: str
@@ -279,6 +308,7 @@ class FeatureStage:
     device: str = "cpu"
     dtype: str = "float32"
     load_options: dict = field(default_factory=dict)
+    max_batch_mb: float | None = None
 
     def setup(self) -> None:
         from cdi_ray.features.config import FeatureConfig
@@ -299,10 +329,6 @@ class FeatureStage:
 
     def process(self, batch: dict[str, np.ndarray]) -> list[tuple[str, str, str, str, list[float] | None]]:
         """Rows ``(content_hash, store key, status, error, features)`` — one per (image, config)."""
-        import torch
-
-        from cdi_ray.models.base import ImageMeta
-
         hashes = [str(h) for h in batch["content_hash"]]
         cfgs = [str(c).split(",") for c in batch["cfgs"]]
         status = [str(s) for s in batch["status"]]
@@ -311,19 +337,41 @@ class FeatureStage:
         for key, extractor in self.extractors.items():
             rows = [i for i in range(len(hashes)) if key in cfgs[i]]
             good = [i for i in rows if status[i] == STATUS_OK]
-            if good:
-                images = torch.as_tensor(np.ascontiguousarray(batch["image"][good]), dtype=torch.float32)
-                values = extractor(images, [ImageMeta(content_hash=hashes[i]) for i in good])
-                matrix = np.stack([np.asarray(values[c], dtype=np.float64) for c in extractor.columns], axis=1)
-                feats = dict(zip(good, matrix.tolist()))
-            else:
-                feats = {}
+            feats = self._features_split(extractor, batch["image"], hashes, good) if good else {}
             for i in rows:
-                if i in feats:
+                if isinstance(feats.get(i), list):
                     out.append((hashes[i], key, STATUS_OK, None, feats[i]))
                 else:
-                    out.append((hashes[i], key, status[i], errors[i] or "failed", None))
+                    out.append((hashes[i], key, STATUS_ERROR if i in feats else status[i],
+                                feats.get(i) or errors[i] or "failed", None))
         return out
+
+    def _features_split(self, extractor, images: np.ndarray, hashes: list[str], idx: list[int]) -> dict[int, list | str]:
+        """Row index → feature list, or → the out-of-memory reason of an image that fails alone."""
+        import torch
+
+        from cdi_ray.models.base import ImageMeta
+
+        oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+        x = torch.as_tensor(np.ascontiguousarray(images[idx]), dtype=torch.float32)
+        try:
+            if self.max_batch_mb is not None and x.numel() * x.element_size() > self.max_batch_mb * 2**20:
+                raise MemoryError(f"{len(idx)} images × {x[0].numel() * x.element_size():,} bytes exceed "
+                                  f"max_batch_mb={self.max_batch_mb}")
+            values = extractor(x, [ImageMeta(content_hash=hashes[i]) for i in idx])
+        except oom as exc:
+            del x
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+            if len(idx) == 1:
+                return {idx[0]: f"out_of_memory: the model does not fit one image on {self.device} "
+                                f"({type(exc).__name__}: {exc}) — use a device with more memory"}
+            log.warning("out of memory on a batch of %d images; retrying as two halves", len(idx))
+            half = len(idx) // 2
+            return {**self._features_split(extractor, images, hashes, idx[:half]),
+                    **self._features_split(extractor, images, hashes, idx[half:])}
+        matrix = np.stack([np.asarray(values[c], dtype=np.float64) for c in extractor.columns], axis=1)
+        return dict(zip(idx, matrix.tolist()))
 
 
 class FeatureActor:

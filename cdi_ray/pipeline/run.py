@@ -201,6 +201,8 @@ def _hash_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             hashes[i], sizes[i] = content_hash(data), len(data)
         except FileNotFoundError:
             errors[i] = "missing: the file does not exist"
+        except PermissionError as exc:
+            errors[i] = f"access_denied: {exc}"
         except Exception as exc:  # noqa: BLE001 — reported per image, retried next run
             errors[i] = f"unreadable: {type(exc).__name__}: {exc}"
     return {"uri": batch["uri"], "size": sizes, "version": batch["version"], "content_hash": hashes, "error": errors}
@@ -265,6 +267,7 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
             "device": model_spec.resolved_device,
             "dtype": model_spec.dtype,
             "load_options": dict(model_spec.options),
+            "max_batch_mb": model_spec.max_batch_mb,
         },
     )
     # publish: CPU tasks, one atomic part file per batch and config
