@@ -29,7 +29,7 @@ from typing import Iterator
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
-#: Attempts per S3 request (``AWS_MAX_ATTEMPTS`` overrides): throttling (SlowDown, 503), other 5xx
+#: Attempts per S3 request, the first included (``AWS_MAX_ATTEMPTS`` overrides): throttling (SlowDown, 503), other 5xx
 #: and dropped connections are retried with exponential backoff and client-side rate limiting
 #: (botocore's "adaptive" mode); 403 and 404 are not retried.
 S3_MAX_ATTEMPTS = 8
@@ -129,7 +129,7 @@ def s3_client():
             from botocore.config import Config
 
             attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
-            cfg = Config(retries={"max_attempts": attempts, "mode": "adaptive"}, max_pool_connections=32)
+            cfg = Config(retries={"total_max_attempts": attempts, "mode": "adaptive"}, max_pool_connections=32)
             _client = (os.getpid(), boto3.session.Session().client("s3", config=cfg))
         return _client[1]
 
