@@ -1,8 +1,9 @@
 """An HTTP proxy on 127.0.0.1 in front of an S3 endpoint that injects faults (not a test module).
 
 boto3 talks to the proxy exactly as to S3 (``AWS_ENDPOINT_URL``); the proxy forwards each request
-to the real (moto) server unless a rule says otherwise. Rules match a substring of the request
-path (``/bucket/key``) and, optionally, the method:
+to the real (moto) server unless a rule says otherwise. Rules match a substring of the (unquoted)
+request target (``/bucket/key``, or ``/bucket?list-type=2&prefix=…`` for a listing) and,
+optionally, the method:
 
 * :meth:`FaultProxy.fail` — the next ``len(faults)`` matching requests get those faults, in order:
   ``"slowdown"`` (503 SlowDown), ``"503"``, ``"500"`` (InternalError), ``"reset"`` (the TCP
@@ -26,7 +27,7 @@ import struct
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 _ERRORS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
@@ -54,8 +55,8 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
-                path = self.path.split("?", 1)[0]
-                fault = proxy._take(self.command, self.path)
+                path = unquote(self.path.split("?", 1)[0])
+                fault = proxy._take(self.command, unquote(self.path))
                 with proxy._lock:
                     proxy.requests[(self.command, path)] += 1
                 if fault == "reset":
@@ -109,12 +110,12 @@ class FaultProxy:
 
     # -- rules ---------------------------------------------------------------------------------
     def fail(self, match: str, faults: list[str], method: str | None = None) -> None:
-        """The next ``len(faults)`` requests whose path contains ``match`` get ``faults`` in order."""
+        """The next ``len(faults)`` requests whose target contains ``match`` get ``faults`` in order."""
         with self._lock:
             self._rules.append({"match": match, "method": method, "faults": list(faults)})
 
     def deny(self, match: str, method: str | None = None) -> None:
-        """Every request whose path contains ``match`` gets 403 AccessDenied."""
+        """Every request whose target contains ``match`` gets 403 AccessDenied."""
         with self._lock:
             self._rules.append({"match": match, "method": method, "faults": None})
 
@@ -124,6 +125,7 @@ class FaultProxy:
             self.requests.clear()
 
     def count(self, match: str, method: str | None = None) -> int:
+        """Requests seen whose path (without the query) contains ``match``."""
         with self._lock:
             return sum(n for (m, p), n in self.requests.items() if match in p and method in (None, m))
 

@@ -143,3 +143,120 @@ def upload_dir(direct, folder, prefix: str) -> str:
             with open(os.path.join(root, f), "rb") as fh:
                 direct.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=fh.read())
     return f"s3://{BUCKET}/{prefix}"
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline on S3
+FAST = {"dl": {"n_draws": 2}}
+TEST = {"procedure": "split", "min_samples": 2}
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3):
+    """A local Ray started inside the S3 environment: workers inherit it (as on an instance with a
+    role), so the secret reaches no runtime_env, job or log record."""
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """P in a hive-partitioned layout (year=/month=), U flat; the same relative paths locally and on S3."""
+    root = tmp_path_factory.mktemp("owners")
+    for month, seed in (("01", 4), ("02", 5)):
+        write_images(root / "p" / "year=2025" / f"month={month}", 4, seed=seed)
+    write_images(root / "u", 8, seed=6)
+    return root
+
+
+def audit_manifest(model: str, p: str, u: str, out: str, **audit) -> dict:
+    return {"models": {"m": {"uri": model, "access": "gray-box", "batch_size": 4}},
+            "audits": [{"id": "same", "model": "m", "published": p, "unpublished": u, "overrides": FAST, "test": TEST}, *audit.values()],
+            "output": out, "fdr": {"method": "none"}}
+
+
+def comparable(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in ("unusable_images",)}
+
+
+def test_same_audit_from_local_files_and_from_s3(s3, proxy, ray_s3, tiny_pixel_dir, collection, tmp_path):
+    from cdi_ray.cli import EXIT_PARTIAL
+    from cdi_ray.pipeline.run import run_manifest
+    from cdi_ray.spec import parse_manifest
+
+    local = run_manifest(parse_manifest(audit_manifest(str(tiny_pixel_dir), str(collection / "p"), str(collection / "u"),
+                                                      str(tmp_path / "local-out"))))
+    assert local.exit_code == 0
+
+    direct = s3["direct"]
+    model = upload_dir(direct, tiny_pixel_dir, "models/m")
+    upload_dir(direct, collection, "owners")
+    put(direct, "owners/locked/0000.png", open(collection / "u" / "0000.png", "rb").read())
+    denied_img = put(direct, "owners/extra/denied.png", open(collection / "u" / "0001.png", "rb").read())
+    proxy.deny("/owners/extra/denied.png")
+    proxy.deny("owners/locked/")  # the objects and the listing (prefix=owners/locked/)
+    # transient faults on the way: the first reads of two images fail, then succeed
+    proxy.fail("/owners/p/year=2025/month=01/0000.png", ["slowdown", "reset"], method="GET")
+    proxy.fail("/owners/u/0003.png", ["500"], method="GET")
+    p_uris = sorted(e.uri for e in storage.list_images(f"s3://{BUCKET}/owners/p/"))
+    out = f"s3://{BUCKET}/audits/2026-11-29"
+    extra = {
+        # one image denied, one missing: the audit runs on the others and names both
+        "partial": {"id": "partial", "model": "m", "published": p_uris + [denied_img, f"s3://{BUCKET}/owners/extra/gone.png"],
+                    "unpublished": f"s3://{BUCKET}/owners/u/", "overrides": FAST, "test": TEST},
+        # a prefix that cannot be listed: this audit fails, with the reason
+        "locked": {"id": "locked", "model": "m", "published": f"s3://{BUCKET}/owners/p/",
+                   "unpublished": f"s3://{BUCKET}/owners/locked/", "overrides": FAST, "test": TEST},
+    }
+    remote = run_manifest(parse_manifest(audit_manifest(model, f"s3://{BUCKET}/owners/p/", f"s3://{BUCKET}/owners/u",
+                                                       out, **extra)))
+    by_id = {a["audit_id"]: a for a in remote.audits}
+    assert remote.exit_code == EXIT_PARTIAL
+    assert proxy.count("/owners/p/year=2025/month=01/0000.png", "GET") >= 3  # the faults were met and retried
+    # identical results from local files and from S3
+    assert comparable(by_id["same"]) == comparable(local.audits[0])
+    assert by_id["same"]["n_published"] == 8 and by_id["same"]["status"] == "done"
+    # permanent errors: the image, or the audit, with a clear reason; the others finish
+    reasons = {u["uri"]: u["reason"] for u in by_id["partial"]["unusable_images"]}
+    assert by_id["partial"]["status"] == "done" and by_id["partial"]["n_published"] == 8
+    assert reasons[denied_img].startswith("access_denied:") and "s3:GetObject" in reasons[denied_img]
+    assert reasons[f"s3://{BUCKET}/owners/extra/gone.png"].startswith("missing")
+    assert by_id["locked"]["status"] == "failed" and "access denied" in by_id["locked"]["error"]
+    # features, results and reports were written to S3
+    written = {e.uri[len(out) + 1:] for e in storage.iter_files(out + "/")}
+    for name in ("results.json", "results.parquet", "images.parquet", "index.html", "audits/same.json", "audits/same.html"):
+        assert name in written, name
+    assert any(w.startswith("features/model=") for w in written)
+    check_outputs_hold_no_secret_and_no_images(collection, out, tmp_path / "local-out")
+
+
+def check_outputs_hold_no_secret_and_no_images(collection, out: str, local_out):
+    """Every output object (S3 and local), and every Ray log of the session, is free of the secret key;
+    the feature store holds hashes, names and numbers only; no output carries an input image's bytes."""
+    import ray
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # the secret really is in the workers' environment (else this check could not fail)
+    assert ray.get(ray.remote(lambda: os.environ.get("AWS_SECRET_ACCESS_KEY")).remote()) == SECRET
+    blobs = {e.uri: storage.read_bytes(e.uri) for e in storage.iter_files(out + "/")}
+    for root, _, files in os.walk(local_out):
+        for f in files:
+            blobs[os.path.join(root, f)] = open(os.path.join(root, f), "rb").read()
+    session = ray._private.worker._global_node.get_session_dir_path()
+    logs = [p for p in glob.glob(os.path.join(session, "logs", "**", "*"), recursive=True) if os.path.isfile(p)]
+    assert logs
+    for p in logs:
+        blobs[p] = open(p, "rb").read()
+    leaks = [name for name, data in blobs.items() if SECRET.encode() in data]
+    assert not leaks, leaks
+    images = [open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(collection) for f in fs]
+    outputs = {k: v for k, v in blobs.items() if k not in logs}
+    assert not [k for k, v in outputs.items() if any(img in v for img in images)]
+    assert not [k for k, v in outputs.items() if k.endswith(".html") and b"data:image" in v]
+    for name, data in outputs.items():
+        if "/features/" in name and name.endswith(".parquet"):
+            schema = pq.read_schema(pa.BufferReader(data))
+            assert all(pa.types.is_string(t) or pa.types.is_floating(t) or pa.types.is_integer(t) for t in schema.types), (name, schema)

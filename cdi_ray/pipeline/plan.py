@@ -65,6 +65,8 @@ def list_source(source) -> list[storage.FileEntry]:
             out.append(storage.stat(uri))
         except FileNotFoundError:
             out.append(storage.FileEntry(uri, -1, ""))  # reported per image later ("missing")
+        except OSError:  # denied, or S3 still failing: no version, so hashing reads it and names the reason
+            out.append(storage.FileEntry(uri, 0, ""))
     return out
 
 
