@@ -25,7 +25,10 @@ Errors name the field and the fix, e.g.::
     audits[0].model: unknown model 'sd-mni' — use one of the names under `models:` (sd-mini)
 
 Credentials never appear here: storage is reached with the environment's / instance
-role's credentials (see :mod:`cdi_ray.storage`). This module imports no Ray.
+role's credentials (see :mod:`cdi_ray.storage`); a manifest that tries to carry one (an
+``s3://user:secret@…`` location, a credential-like key in ``options`` / ``overrides``, which are
+copied into reports) is refused. With an output root configured (``--output-root`` /
+``$CDI_RAY_OUTPUT_ROOT``), ``output`` and ``feature_store`` must lie under it. This module imports no Ray.
 """
 from __future__ import annotations
 
@@ -86,7 +89,34 @@ def _check_uri(value: str) -> str:
         raise ValueError(f"unsupported scheme '{scheme}://' in {value!r} — use a local path, file:// or s3://")
     if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
         raise ValueError(f"{value!r} names no bucket — write s3://BUCKET/PREFIX")
+    if value.startswith("s3://") and "@" in value[5:].split("/", 1)[0]:
+        raise ValueError(f"an s3:// location carries credentials (user:secret@) — {_NO_CREDENTIALS}")
     return value
+
+
+_NO_CREDENTIALS = ("credentials come only from the environment or the instance role (AWS_ACCESS_KEY_ID, "
+                   "AWS_SECRET_ACCESS_KEY, AWS_PROFILE …), never from a manifest: remove them")
+#: Key names of free-form option maps that would smuggle a credential into results and reports.
+_CREDENTIAL_KEY = re.compile(r"^aws_|secret|password|passwd|credential|api_key|access_key|private_key|session_token|"
+                             r"auth_token|^token$", re.I)
+
+
+def _check_no_credentials(options: dict, field: str) -> dict:
+    """Free-form options are copied into every report's provenance, so a secret there would leak."""
+    found = sorted(k for k in _walk_keys(options) if _CREDENTIAL_KEY.search(k))
+    if found:
+        raise ValueError(f"{field} has credential-like key(s) {found} — {_NO_CREDENTIALS}")
+    return options
+
+
+def _walk_keys(value: Any):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _walk_keys(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk_keys(v)
 
 
 def _check_source(value: Any, field: str) -> Any:
@@ -125,6 +155,11 @@ class ModelSpec(_Spec):
     def _uri(cls, v):
         return _check_uri(v)
 
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v):
+        return _check_no_credentials(v, "options")
+
     @model_validator(mode="after")
     def _pool(self) -> "ModelSpec":
         if self.max_replicas < self.min_replicas:
@@ -155,6 +190,11 @@ class TestSpec(_Spec):
     alpha: float = Field(0.01, gt=0, lt=1, description="per-audit significance level (used when fdr.method is none)")
     options: dict[str, Any] = Field(default_factory=dict, description="procedure options, e.g. {max_permutations: 999}")
     min_samples: int | None = Field(None, ge=1, description="fewer usable images per side → inconclusive; default: cdi_ray.stats.MIN_SAMPLES")
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v):
+        return _check_no_credentials(v, "options")
 
 
 class ControlsSpec(_Spec):
@@ -192,6 +232,11 @@ class AuditSpec(_Spec):
     @classmethod
     def _sources(cls, v, info):
         return _check_source(v, info.field_name)
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v):
+        return _check_no_credentials(v, "overrides")
 
 
 class FdrSpec(_Spec):

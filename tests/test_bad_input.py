@@ -201,3 +201,22 @@ def test_cli_refuses_outputs_outside_the_root(tmp_path, capsys):
     # the audit command's own location flags are checked too, before any Ray starts
     assert main(["audit", str(path), "--output-root", str(root), "--out", str(tmp_path / "else")]) == EXIT_INVALID
     assert "--out:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- credentials
+def test_manifests_cannot_carry_credentials():
+    """Credentials come from the environment only: a manifest that tries to carry one is refused
+    (free-form options are copied into every report's provenance)."""
+    data = small("s3://o/x")
+    data["models"]["m"]["uri"] = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@models/m"
+    data["models"]["m"]["options"] = {"aws_secret_access_key": "wJalrXUtnFEMI"}
+    data["audits"][0]["test"] = {"options": {"auth": {"session_token": "x"}}}
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest(data)
+    p = exc.value.problems
+    assert any(s.startswith("models.m.uri: an s3:// location carries credentials") for s in p), p
+    assert any(s.startswith("models.m.options: options has credential-like key(s) ['aws_secret_access_key']") for s in p), p
+    assert any(s.startswith("audits[0].test.options:") and "session_token" in s for s in p), p
+    assert all("wJalrXUtnFEMI" not in s for s in p)  # the refusal does not echo the secret
+    with pytest.raises(ManifestError, match="credentials: unknown key"):
+        parse_manifest(small("s3://o/x", credentials={"key": "x"}))
