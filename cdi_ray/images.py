@@ -18,8 +18,9 @@ Policies (deliberate, documented here once):
   clipped to [0, 255].
 * **CMYK, YCbCr, LAB, HSV** go through Pillow's conversion to RGB (no ICC colour management).
 * **Small images are upscaled**: an image whose short side is below ``size`` is resized up like
-  any other. :func:`is_upscaled` tells which ones; the pipeline counts them in the report and a
-  caller that prefers to refuse them can do so before calling :func:`preprocess`.
+  any other. :func:`is_upscaled` tells which ones; the model-free control carries it as a
+  descriptor (a P/U difference in resolution fires that control, docs/VERDICTS.md), and a caller
+  that prefers to refuse them can do so before calling :func:`preprocess`.
 """
 from __future__ import annotations
 
