@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from cdi_ray import storage
+from cdi_ray import console, storage
 from cdi_ray.controls.descriptors import descriptor_key
 from cdi_ray.controls.model_free import control_seed
 from cdi_ray.controls.reference import REFERENCE_MODEL, reference_control
@@ -58,8 +58,11 @@ log = logging.getLogger(__name__)
 HASH_BATCH = 256
 #: Images per decoding task call: a batch of decoded 512×512×3 float32 images stays ~200 MB.
 DECODE_BATCH = 64
-#: Rows per feature-store part file (features are ~26 floats a row: 4096 rows ≈ 1 MB).
+#: Rows per feature-store part file at most (features are ~26 floats a row: 4096 rows ≈ 1 MB).
 WRITE_BATCH = 4096
+#: A stream publishes at least this many part files (unless tiny), so rows reach the store — and
+#: the progress bar — as they are computed: a killed driver loses at most 1/this of the work.
+MIN_WRITES_PER_STREAM = 20
 #: Rows per input block of the streams (more blocks → more parallel tasks).
 ROWS_PER_BLOCK = 256
 #: Model streams in flight at once: two overlap one model's start-up (actor launch, weight
@@ -97,10 +100,27 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    console.drop_ray_noise(local=not address)
+    quiet = console.progress_enabled() and console.verbose() < 1
+    level = logging.WARNING if quiet else logging.INFO
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=level)
     else:
-        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False,
+                 logging_level=level)
+    console.quiet_ray(local=not address)
+    _RAY["local"] = not address
+
+
+#: Whether ensure_ray started a local Ray (our progress bar) or joined a cluster (Ray Data's bars).
+_RAY = {"local": False}
+
+
+def local_progress(total: int, label: str) -> console.ProgressBar | None:
+    """A progress bar for a CLI run on a local Ray; None on a cluster or in library use."""
+    if total and _RAY["local"] and console.progress_enabled():
+        return console.ProgressBar(total, label)
+    return None
 
 
 _POOL: dict = {}
@@ -230,10 +250,17 @@ def hash_entries(entries: list[storage.FileEntry]) -> tuple[dict[str, str], dict
 # ----------------------------------------------------------------------------------------------
 # step 5: features
 # ----------------------------------------------------------------------------------------------
+def write_batch_size(rows: int) -> int:
+    """Rows per part file for a stream of ``rows``: ≥ MIN_WRITES_PER_STREAM files, 32 … WRITE_BATCH rows each."""
+    return int(min(WRITE_BATCH, max(32, rows // MIN_WRITES_PER_STREAM)))
+
+
 def compute_features(model_spec, info: dict, work: list[planning.ImageWork], configs: dict[str, dict],
                      columns: dict[str, list[str]], store_root: str, describe: set[str] | frozenset = frozenset(),
-                     descriptor_key: str | None = None) -> dict:
+                     descriptor_key: str | None = None, progress: console.ProgressBar | None = None) -> dict:
     """Run one model's stream over ``work``; returns counters (``computed`` = ok rows).
+
+    ``progress`` advances by one per image whose rows (one per feature config) came back.
 
     Images whose hash is in ``describe`` also get their model-free descriptors computed in the
     decode stage (they are decoded there anyway) and stored under ``descriptor_key``.
@@ -268,13 +295,18 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
         },
     )
     # publish: CPU tasks, one atomic part file per batch and config
-    ds = ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="pyarrow",
+    ds = ds.map_batches(write_batch, batch_size=write_batch_size(len(items) * max(1, len(needed_cfgs))),
+                        batch_format="pyarrow",
                         fn_kwargs={"store_root": store_root, "fingerprint": info["fingerprint"],
                                    "columns": {k: columns[k] for k in needed_cfgs}})
     counts = {"rows": 0, "computed": 0, "errors": 0, "transient": 0, "actors": set()}
     transient: dict[str, str] = {}
-    for batch in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+    rows_per_image = {w.content_hash: len(w.config_hashes) for w in work}
+    # small summary batches: the rows are tiny, and the progress bar moves with each one
+    for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
         status = batch.column("status").to_pylist()
+        if progress is not None:
+            progress.advance(sum(1 / rows_per_image.get(h, 1) for h in batch.column("content_hash").to_pylist()))
         counts["rows"] += len(status)
         counts["computed"] += status.count(STATUS_OK)
         counts["errors"] += status.count(STATUS_ERROR)
@@ -285,6 +317,8 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
                 transient[h] = e
     counts["actors"] = sorted(counts["actors"])
     counts["transient_errors"] = transient
+    if progress is not None:
+        progress.close()
     return counts
 
 
@@ -463,7 +497,8 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         log.info("model %s: computing %d images", name, len(work[name]))
         dk = descriptor_key(int(infos[name]["image_size"]), int(infos[name]["image_channels"]))
         return compute_features(manifest.models[name], infos[name], work[name], configs, columns, store_root,
-                                describe=describe_in_stream.get(name, set()), descriptor_key=dk)
+                                describe=describe_in_stream.get(name, set()), descriptor_key=dk,
+                                progress=local_progress(len(work[name]), f"features {name}"))
 
     with ThreadPoolExecutor(max(1, min(max_concurrent_models, len(work)))) as pool:
         futures = {name: pool.submit(one_model, name) for name in sorted(work)}
