@@ -182,6 +182,10 @@ class AuditSpec(_Spec):
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-feature hyper-parameters, e.g. {ml: {timesteps: [0, 500]}}"
     )
+    calibration: Literal["none", "reference"] = Field(
+        "none", description="features the test sees: none — the audited model's; reference — the audited model's minus "
+                            "the reference model's on the same image (reference-based calibration, which removes what "
+                            "makes an image easy or hard for any model; needs controls.reference_model)")
     test: TestSpec = Field(default_factory=TestSpec)
     controls: ControlsSpec | None = Field(None, description="this audit's distribution-shift guards; default: the batch's `controls`")
     seed: int = Field(0, ge=0, description="root seed of every random draw of this audit")
@@ -263,6 +267,9 @@ class Manifest(_Spec):
     def _reference_problems(self, i: int, a: AuditSpec) -> list[str]:
         ref = self.controls_of(a).reference_model
         if ref is None:
+            if a.calibration == "reference":
+                return [f"audits[{i}].calibration: 'reference' needs a reference model — set "
+                        f"controls.reference_model (for this audit or the batch) to a model that cannot have seen P"]
             return []
         where = f"audits[{i}].controls.reference_model" if a.controls is not None else "controls.reference_model"
         if ref not in self.models:

@@ -61,6 +61,8 @@ class AuditJob:
     controls: dict = field(default_factory=dict)
     #: store key of the descriptor partition (the model's preprocessing geometry).
     descriptor_key: str | None = None
+    #: ``(reference fingerprint, its config key)``: test on target minus reference features.
+    calibration: tuple[str, str] | None = None
 
 
 @dataclass
@@ -272,6 +274,31 @@ def _table_rows(table, columns: list[str]):
             table.column("error").to_pylist(), matrix)
 
 
+def calibrated_rows(target, reference):
+    """Reference-calibrated rows: target minus reference features per content hash.
+
+    Both arguments and the result are :func:`_table_rows` tuples. An image is usable only if
+    both models' rows are ok; otherwise the reason names which side failed.
+    """
+    rows_t, status_t, errors_t, m_t = target
+    rows_r, status_r, errors_r, m_r = reference
+    hashes = list(rows_t)
+    status, errors = [], []
+    matrix = np.zeros((len(hashes), m_t.shape[1]))
+    for i, h in enumerate(hashes):
+        it, ir = rows_t[h], rows_r.get(h)
+        if status_t[it] != STATUS_OK:
+            status.append(status_t[it]), errors.append(errors_t[it])
+        elif ir is None:
+            status.append("error"), errors.append("reference_features_missing: not in the feature store for the reference model")
+        elif status_r[ir] != STATUS_OK:
+            status.append(status_r[ir]), errors.append(f"reference model: {errors_r[ir] or 'failed'}")
+        else:
+            status.append(STATUS_OK), errors.append(None)
+            matrix[i] = m_t[it] - m_r[ir]
+    return {h: i for i, h in enumerate(hashes)}, status, errors, matrix
+
+
 def run_controls(job: AuditJob, hp: list[str], hu: list[str], descriptors) -> list:
     """Step 4: the audit's controls on the images the main test used (``descriptors`` from :func:`_table_rows`)."""
     from cdi_ray.controls.model_free import MODEL_FREE, ControlResult, control_seed, model_free_control
@@ -322,7 +349,22 @@ class AuditAggregator:
             except Exception as exc:  # noqa: BLE001 — the controls of these audits then count as fired
                 log.warning("cannot read descriptors %s: %s", dk, exc)
                 descriptors[dk] = None
-        return [self._run_one(j, *features, descriptors.get(j.descriptor_key), columns=columns) for j in jobs]
+        calibrations: dict[tuple[str, str], Any] = {}
+        for cal in sorted({j.calibration for j in jobs if j.calibration}):
+            want = {r.content_hash for j in jobs if j.calibration == cal
+                    for r in (*j.published, *j.unpublished) if r.content_hash}
+            try:
+                calibrations[cal] = calibrated_rows(features, _table_rows(store.read(*cal, want), columns))
+            except Exception as exc:  # noqa: BLE001 — these audits fail, the others go on
+                calibrations[cal] = f"cannot read the reference model's features: {type(exc).__name__}: {exc}"
+        outcomes = []
+        for j in jobs:
+            rows = calibrations.get(j.calibration, features) if j.calibration else features
+            if isinstance(rows, str):
+                outcomes.append(AuditOutcome(j.audit_id, "failed", error=rows))
+            else:
+                outcomes.append(self._run_one(j, *rows, descriptors.get(j.descriptor_key), columns=columns))
+        return outcomes
 
     def _run_one(self, job: AuditJob, rows, status, errors, matrix, descriptors=None, *,
                  columns: list[str] | None = None) -> AuditOutcome:

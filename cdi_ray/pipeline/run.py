@@ -550,10 +550,18 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         li = listings[a.id]
         ctl = manifest.controls_of(a)
         controls = {"model_free": {"alpha": ctl.alpha}} if ctl.model_free else {}
+        calibration = None
+        if a.calibration == "reference":
+            if a.id not in ref_key:
+                ref = ctl.reference_model
+                outcomes[a.id] = AuditOutcome(a.id, "failed", error="reference calibration impossible: " + (
+                    model_errors.get(ref) or model_errors.get(a.id + REFERENCE_SUFFIX) or "no reference features"))
+                continue
+            calibration = (fingerprints[ctl.reference_model], ref_key[a.id])
         job = AuditJob(a.id, _refs(li.published, uri_hash, read_errors, transient),
                        _refs(li.unpublished, uri_hash, read_errors, transient),
                        a.test.procedure, a.test.alpha, a.seed, test_options(a.test, cap),
-                       controls=controls, descriptor_key=desc_key_of.get(a.id))
+                       controls=controls, descriptor_key=desc_key_of.get(a.id), calibration=calibration)
         groups[(fingerprints[a.model], audit_key[a.id])].append(job)
         if a.id in ref_key:  # the reference-model control's re-run: a shadow audit, not FDR-counted
             ref = ctl.reference_model
@@ -600,6 +608,8 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             "status": o.status, "result": o.result, "error": o.error, "controls": o.controls,
             "n_published": o.n_published, "n_unpublished": o.n_unpublished, "unusable": o.unusable,
             "alpha": a.test.alpha, "seed": a.seed, "procedure": a.test.procedure, "min_samples": a.test.min_samples,
+            "feature_calibration": ("reference:" + manifest.controls_of(a).reference_model
+                                    if a.calibration == "reference" else "none"),
         })
     entries, fdr = build_entries(rows, fdr_method=manifest.fdr.method, q=manifest.fdr.q)
     run = {
