@@ -19,9 +19,7 @@ Features are cached (``--cache``) so the statistics can be re-run without the mo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import time
 from datetime import date
 from pathlib import Path
 
@@ -37,8 +35,6 @@ GROUPS = {
 }
 FAMILIES = ("dl", "secmi", "pia", "pian", "gm_", "ml_", "no_")
 MIX_R = (0.0, 0.1, 0.3, 0.5, 0.8)
-#: Batch for in-process extraction: the demo UNet is ~1 M parameters at 16×16, so 256 images fit easily.
-BATCH = 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,40 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cap of the default test in the curves: mean p < 0.01 needs no finer floor than 1e-3")
     p.add_argument("--smoke-test", action="store_true", help="easy model, 60 images per pool, 3 repeats")
     return p.parse_args(argv)
-
-
-def extract(model_name: str, indices: np.ndarray, *, seed: int, cache: Path) -> tuple[np.ndarray, list[str], float]:
-    """White-box features of bundle images ``indices`` on demo model ``model_name`` (cached)."""
-    import torch
-
-    from cdi_ray.demo.audit import encode_png
-    from cdi_ray.demo.bundle import demo_model_dir, load_bundle
-    from cdi_ray.features.config import FeatureConfig
-    from cdi_ray.features.extractor import FeatureExtractor
-    from cdi_ray.images import content_hash
-    from cdi_ray.models import load_model
-    from cdi_ray.models.base import ImageMeta
-
-    model = load_model(demo_model_dir(model_name))
-    config = FeatureConfig(features="white-box", seed=seed)
-    key = hashlib.sha256(f"{model.fingerprint}|{config.config_hash()}|{indices.tobytes().hex()}".encode()).hexdigest()[:16]
-    file = cache / f"{model_name}-{key}.npz"
-    if file.exists():
-        data = np.load(file, allow_pickle=False)
-        return data["X"], list(data["columns"]), float(data["seconds"])
-    bundle = load_bundle()
-    extractor = FeatureExtractor(model, config)
-    rows, t0 = [], time.perf_counter()
-    for start in range(0, len(indices), BATCH):
-        idx = indices[start:start + BATCH]
-        metas = [ImageMeta(content_hash=content_hash(encode_png(bundle.images[int(i)]))) for i in idx]
-        cols = extractor(torch.from_numpy(bundle.images_float(idx)), metas)
-        rows.append(np.stack([cols[c] for c in extractor.columns], axis=1))
-    seconds = time.perf_counter() - t0
-    X = np.concatenate(rows)
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(file, X=X, columns=np.array(extractor.columns), seconds=seconds)
-    return X, list(extractor.columns), seconds
 
 
 def columns_of(columns: list[str], prefixes: tuple[str, ...]) -> list[int]:
@@ -152,6 +114,7 @@ def _curve(curve) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     from cdi_ray.demo.bundle import load_split
+    from cdi_ray.demo.features import demo_features
 
     cache = Path(args.cache)
     if args.smoke_test:
@@ -164,8 +127,8 @@ def main(args: argparse.Namespace) -> dict:
         members, heldout = np.asarray(split["members"]), np.asarray(split["heldout"])
         if args.smoke_test:
             members, heldout = members[:60], heldout[:120]
-        Xm, columns, sm = extract(name, members, seed=args.seed, cache=cache)
-        Xh, _, sh = extract(name, heldout, seed=args.seed, cache=cache)
+        Xm, columns, sm = demo_features(name, members, seed=args.seed, cache=cache)
+        Xh, _, sh = demo_features(name, heldout, seed=args.seed, cache=cache)
         res = evaluate(Xm, Xh, columns, args)
         res["extraction_images_per_s"] = round((len(Xm) + len(Xh)) / max(sm + sh, 1e-9), 1)
         report["models"][name] = res
