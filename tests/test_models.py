@@ -19,12 +19,17 @@ FAMILY_DIRS = {
     "tiny_latent_kl_dir": ("latent-unet", (4, 8, 8), 3),
     "tiny_latent_vq_dir": ("latent-unet", (3, 8, 8), 3),
     "tiny_dit_dir": ("dit", (4, 8, 8), 3),
+    "tiny_t2i_dir": ("text-to-image", (4, 8, 8), 3),
+    "tiny_uvit_class_dir": ("uvit", (4, 8, 8), 3),
+    "tiny_uvit_text_dir": ("uvit", (4, 8, 8), 3),
 }
 HASHES = ["aa" * 32, "bb" * 32, "cc" * 32]
+CAPTIONS = [("a photo of a cat",), ("a dog", "two dogs on grass"), ("",)]
 
 
 def metas(labels=(1, 2, 3)):
-    return [ImageMeta(content_hash=h, label=lab) for h, lab in zip(HASHES, labels)]
+    """Labels for class models, captions for text models (each family reads what it needs)."""
+    return [ImageMeta(content_hash=h, label=lab, captions=c) for h, lab, c in zip(HASHES, labels, CAPTIONS)]
 
 
 def images(model: DiffusionModel, n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -140,7 +145,7 @@ def test_bfloat16_weights_return_float32(tiny_pixel_dir):
 
 # -- class conditioning --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", ["tiny_pixel_class_dir", "tiny_dit_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_pixel_class_dir", "tiny_dit_dir", "tiny_uvit_class_dir"])
 def test_class_prediction_depends_on_label(fixture, request):
     model = load_model(request.getfixturevalue(fixture))
     assert model.conditioning_kind == "class"
@@ -151,7 +156,7 @@ def test_class_prediction_depends_on_label(fixture, request):
     torch.testing.assert_close(a[1], b[1])
 
 
-@pytest.mark.parametrize("fixture", ["tiny_pixel_class_dir", "tiny_dit_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_pixel_class_dir", "tiny_dit_dir", "tiny_uvit_class_dir"])
 def test_missing_or_out_of_range_label_names_the_image(fixture, request):
     model = load_model(request.getfixturevalue(fixture))
     with pytest.raises(ValueError, match=HASHES[1]):
@@ -222,7 +227,7 @@ def test_dit_legacy_transformer2d_name(tmp_path, tiny_dit_dir):
 
 # -- latent encoders -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", ["tiny_latent_kl_dir", "tiny_dit_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_latent_kl_dir", "tiny_dit_dir", "tiny_t2i_dir", "tiny_uvit_text_dir"])
 def test_kl_encode_sample_vs_mean(fixture, request):
     model = load_model(request.getfixturevalue(fixture))
     vae = getattr(model, "autoencoder", None) or model.vae
@@ -331,16 +336,17 @@ def test_empty_or_unknown_directory_lists_families(tmp_path):
         load_model(tmp_path / "empty")
     assert_clean_error(ei, str(tmp_path / "empty"), "matches no supported model family", "empty directory",
                        *FAMILIES, "unet/", "transformer/", "vqvae/")
-    # a text-to-image layout is recognised as unsupported, and what was found is listed
-    sd = tmp_path / "sd"
+    # an SDXL layout (two text encoders) is recognised as unsupported, and what was found is listed
+    sd = tmp_path / "sdxl"
     (sd / "unet").mkdir(parents=True)
     (sd / "text_encoder").mkdir()
+    (sd / "text_encoder_2").mkdir()
     (sd / "vae").mkdir()
     (sd / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ModelLoadError) as ei:
         load_model(sd)
-    assert_clean_error(ei, str(sd), "StableDiffusionPipeline", "UNet2DConditionModel", "text_encoder/")
+    assert_clean_error(ei, str(sd), "StableDiffusionXLPipeline", "UNet2DConditionModel", "text_encoder_2/")
 
 
 def test_file_instead_of_directory(tmp_path):

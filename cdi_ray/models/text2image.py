@@ -103,11 +103,13 @@ class TextToImage(DiffusionModel):
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def detect(cls, path: str | Path) -> bool:
-        """A ``unet/`` whose config names a UNet2DConditionModel, next to a ``text_encoder/``."""
+        """A ``unet/`` whose config names a UNet2DConditionModel, next to one ``text_encoder/`` (SDXL's second
+        encoder, ``text_encoder_2/``, is not supported)."""
         root = Path(path)
         if C.pipeline_class(root) in cls.pipeline_classes:
             return True
-        return (root / "text_encoder").is_dir() and C.config_class(root, "unet") == "UNet2DConditionModel"
+        return ((root / "text_encoder").is_dir() and not (root / "text_encoder_2").is_dir()
+                and C.config_class(root, "unet") == "UNet2DConditionModel")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
