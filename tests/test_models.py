@@ -87,6 +87,22 @@ def test_prediction_is_batch_invariant(fixture, request):
     torch.testing.assert_close(full[1:2], one, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fixture", list(FAMILY_DIRS))
+def test_meta_problem_matches_what_conditioning_refuses(fixture, request):
+    model = load_model(request.getfixturevalue(fixture))
+    assert all(model.meta_problem(m) is None for m in metas())
+    bare = ImageMeta("dd" * 32)
+    problem = model.meta_problem(bare)
+    if model.conditioning_kind == "none":
+        assert problem is None
+    else:
+        assert problem is not None and "dd" * 32 in problem
+        with pytest.raises(ValueError, match="no (class label|caption)"):
+            model.conditioning([bare])
+    if model.conditioning_kind == "class":
+        assert "outside" in model.meta_problem(ImageMeta("ee" * 32, label=99))
+
+
 def test_bad_inputs_are_refused(tiny_pixel_dir):
     model = load_model(tiny_pixel_dir)
     z = torch.randn(2, *model.latent_shape)
