@@ -134,3 +134,19 @@ def test_text_width_mismatch_is_refused(tiny_t2i_dir, tmp_path):
     shutil.copytree(other / "text_encoder", path / "text_encoder")
     with pytest.raises(ModelLoadError, match="32-dim text embeddings but the text encoder gives 16"):
         load_model(path)
+
+
+def test_memory_options_do_not_change_the_store_partition():
+    from cdi_ray.features.config import FeatureConfig
+    from cdi_ray.pipeline.plan import store_key
+    from cdi_ray.spec import ModelSpec
+
+    config = FeatureConfig(features="gray-box")
+    plain = ModelSpec(uri="s3://models/sd")
+    lean = ModelSpec(uri="s3://models/sd", options={"attention_slicing": "auto", "vae_slicing": True,
+                                                     "caption_cache_size": 64})
+    assert store_key(config, lean) == store_key(config, plain) == config.config_hash()
+    # options that change values still do
+    empty = ModelSpec(uri="s3://models/sd", options={"missing_caption": "empty", "attention_slicing": "auto"})
+    assert store_key(config, empty) != store_key(config, plain)
+    assert store_key(config, empty) == store_key(config, ModelSpec(uri="s3://models/sd", options={"missing_caption": "empty"}))
