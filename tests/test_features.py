@@ -610,3 +610,26 @@ def test_timesteps_beyond_the_schedule_are_refused():
     model.alphas_cumprod = ALPHAS_CUMPROD[:500]
     with pytest.raises(ValueError, match="t=900.*500 timesteps"):
         FeatureExtractor(model, FeatureConfig(features=("ml",)))
+
+
+def test_extract_to_parquet_with_captions(tmp_path, tiny_t2i_dir):
+    import pyarrow.parquet as pq
+
+    from cdi_ray.features.extract import extract_to_parquet
+    from cdi_ray.images import ImageError
+
+    _write_pngs(tmp_path / "imgs", 2)
+    out = tmp_path / "x.parquet"
+    with pytest.raises(ImageError, match="im1.png.*no caption"):
+        extract_to_parquet(tiny_t2i_dir, str(tmp_path / "imgs"), str(out), preset="gray-box",
+                           captions={"im0.png": "a cat"})
+    caps = {"im0.png": "a cat", "im1.png": ["a dog", "two dogs"]}
+    assert extract_to_parquet(tiny_t2i_dir, str(tmp_path / "imgs"), str(out), preset="gray-box", captions=caps) == 2
+    with_caps = pq.read_table(out).to_pylist()
+    # the empty prompt for images without a caption, when asked for
+    out2 = tmp_path / "y.parquet"
+    assert extract_to_parquet(tiny_t2i_dir, str(tmp_path / "imgs"), str(out2), preset="gray-box",
+                              model_options={"missing_caption": "empty"}) == 2
+    empty = pq.read_table(out2).to_pylist()
+    assert [r["content_hash"] for r in empty] == [r["content_hash"] for r in with_caps]
+    assert not np.allclose([r["dl"] for r in empty], [r["dl"] for r in with_caps])  # the caption matters
