@@ -150,3 +150,29 @@ def test_memory_options_do_not_change_the_store_partition():
     empty = ModelSpec(uri="s3://models/sd", options={"missing_caption": "empty", "attention_slicing": "auto"})
     assert store_key(config, empty) != store_key(config, plain)
     assert store_key(config, empty) == store_key(config, ModelSpec(uri="s3://models/sd", options={"missing_caption": "empty"}))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sd15_sized_model_in_half_precision_on_gpu(tmp_path):
+    """Stable Diffusion 1.5's sizes (random weights), fp16 + attention/VAE slicing, 512² images in a batch of 4:
+    every white-box feature is finite, and the same image alone gives the same row."""
+    import numpy as np
+
+    from cdi_ray.features.config import FeatureConfig
+    from cdi_ray.features.extractor import FeatureExtractor
+    from cdi_ray.models import testing
+
+    path = testing.make_sd15_shaped(tmp_path / "sd15", dtype=torch.float16, device="cuda")
+    model = load_model(path, device="cuda", dtype="float16", attention_slicing="auto", vae_slicing=True)
+    assert sum(p.numel() for p in model.unet.parameters()) > 8e8
+    ext = FeatureExtractor(model, FeatureConfig(features="white-box", device="cuda", autocast_dtype="float16"))
+    x = torch.rand(4, 3, 512, 512, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    metas = [ImageMeta(f"{i:064x}", captions=(f"a photo of thing {i}", "another caption")) for i in range(4)]
+    torch.cuda.reset_peak_memory_stats()
+    out = ext(x, metas)
+    assert all(np.isfinite(v).all() for v in out.values())
+    assert torch.cuda.max_memory_allocated() < 24 * 2 ** 30  # fits a 24 GB worker
+    alone = ext(x[2:3], metas[2:3])
+    for c in ("dl", "pia", "ml_t0", "ml_t900"):
+        np.testing.assert_allclose(alone[c][0], out[c][2], rtol=2e-2, atol=2e-2, err_msg=c)

@@ -286,3 +286,30 @@ def make_tiny_uvit(dir: str | Path, conditioning: str = "class", image_size: int
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, root / "uvit" / "model.safetensors")
     vae.save_pretrained(root / "vae")
     return root
+
+
+def make_sd15_shaped(dir: str | Path, seed: int = 0, *, dtype: torch.dtype = torch.float16,
+                     device: str = "cpu") -> Path:
+    """A text-to-image model with Stable Diffusion 1.5's component sizes (860M-parameter UNet, KL-f8 VAE,
+    CLIP ViT-L/14 text encoder, 77 tokens) and random weights, saved in ``dtype`` — for memory and speed
+    checks at realistic size on a GPU worker (the tokenizer is the tiny offline one; its vocabulary size
+    does not matter for cost). Building it takes seconds on a GPU, minutes on CPU."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = Path(dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with _seeded(seed), torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the SD 1.x defaults otherwise
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=512, scaling_factor=0.18215)
+        _write_tiny_clip(root, max_length=77, hidden_size=32)  # tokenizer/ (replaced text encoder below)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                            bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    unet.to(dtype).save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    text.to(dtype).save_pretrained(root / "text_encoder")
+    _sd_scheduler().save_pretrained(root / "scheduler")
+    return root
