@@ -33,6 +33,11 @@ print(json.dumps({"path": path, "fetched": record["pid"] == os.getpid()}))
 """
 
 
+def upload(client, folder: Path, prefix: str) -> None:
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(folder).as_posix()}")
+
+
 @pytest.fixture()
 def s3_model(tmp_path, tiny_pixel_dir, monkeypatch):
     """The tiny pixel model plus a 12 MB weight-like file (so fetches overlap in time), uploaded to moto S3."""
@@ -47,8 +52,7 @@ def s3_model(tmp_path, tiny_pixel_dir, monkeypatch):
         storage.reset_client()
         client = boto3.client("s3")
         client.create_bucket(Bucket=BUCKET)
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            client.upload_file(str(f), BUCKET, f"team/pixel/{f.relative_to(src).as_posix()}")
+        upload(client, src, "team/pixel")
         yield src, client, {**env, "CDI_RAY_CACHE": str(tmp_path / "cache")}
         storage.reset_client()
 
@@ -113,3 +117,28 @@ def test_missing_prefix_and_local_paths(s3_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         materialize_model(f"s3://{BUCKET}/nothing-here")
     assert materialize_model(str(tmp_path)) == str(tmp_path)
+
+
+def test_feature_actor_stage_runs_a_text_model_kept_in_s3(s3_model, tiny_uvit_text_dir, tmp_path):
+    """The actor's stage (Ray-free) fetches a caption-conditioned model from S3, loads it with the manifest's
+    options and computes a row per image."""
+    import numpy as np
+
+    from cdi_ray.pipeline.actors import STATUS_OK, FeatureStage, describe_model
+
+    _, client, _ = s3_model
+    upload(client, Path(tiny_uvit_text_dir), "team/uvit")
+    uri = f"s3://{BUCKET}/team/uvit"
+    options = {"missing_caption": "empty"}
+    info = describe_model(uri, str(tmp_path / "store"), options)
+    assert (info["family"], info["image_size"], info["image_channels"]) == ("uvit", 16, 3)
+    assert info["fingerprint"] == model_fingerprint(tiny_uvit_text_dir)
+    stage = FeatureStage(model_uri=uri, fingerprint=info["fingerprint"], configs={"k": {"features": "gray-box"}},
+                         load_options=options)
+    stage.setup()
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    rows = stage.process({"content_hash": np.array(["aa" * 32, "bb" * 32], dtype=object),
+                          "cfgs": np.array(["k", "k"], dtype=object), "image": images,
+                          "status": np.array([STATUS_OK] * 2, dtype=object), "error": np.array(["", ""], dtype=object)})
+    assert [(r[0], r[1], r[2]) for r in rows] == [("aa" * 32, "k", STATUS_OK), ("bb" * 32, "k", STATUS_OK)]
+    assert all(len(r[4]) == 14 and np.isfinite(r[4]).all() for r in rows)
