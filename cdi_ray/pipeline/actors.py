@@ -23,12 +23,8 @@ never stored (the next run retries it).
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from cdi_ray import storage
+from cdi_ray.pipeline.model_cache import materialize_model
 
 log = logging.getLogger(__name__)
 
@@ -65,50 +62,8 @@ SUMMARY_SCHEMA = pa.schema([
 
 
 # ----------------------------------------------------------------------------------------------
-# model location
+# model description (s3:// models are fetched once per node: model_cache.py)
 # ----------------------------------------------------------------------------------------------
-def cache_root() -> str:
-    """Node-local cache for models fetched from S3 (``CDI_RAY_CACHE`` or ``~/.cache/cdi-ray``)."""
-    return os.path.join(os.environ.get("CDI_RAY_CACHE", os.path.expanduser("~/.cache/cdi-ray")), "models")
-
-
-def materialize_model(uri: str) -> str:
-    """A local directory holding the model at ``uri`` (downloaded once per node for ``s3://``).
-
-    The cache entry is named by the URI and the objects' ETags, so a re-uploaded model is fetched
-    again. Concurrent actors on one node take a file lock; the download lands in a temp folder
-    that is renamed into place, so a crash never leaves a half model that looks complete.
-    """
-    if not storage.is_remote(uri):
-        return storage.local_path(uri)
-    entries = list(storage.iter_files(uri))
-    if not entries:
-        raise FileNotFoundError(f"no files under model prefix {uri}")
-    ident = hashlib.sha256("\n".join([uri] + [f"{e.uri}\0{e.size}\0{e.version}" for e in entries]).encode())
-    root = cache_root()
-    dest = os.path.join(root, ident.hexdigest()[:32])
-    if os.path.isdir(dest):
-        return dest
-    os.makedirs(root, exist_ok=True)
-    with open(dest + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isdir(dest):
-            return dest
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-        prefix = uri.rstrip("/") + "/"
-        try:
-            for e in entries:
-                rel = e.uri[len(prefix):] if e.uri.startswith(prefix) else storage.basename(e.uri)
-                path = os.path.join(tmp, *rel.split("/"))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(storage.read_bytes(e.uri))
-            os.rename(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def describe_model(uri: str, store_root: str, load_options: dict | None = None) -> dict:
     """Fingerprint and preprocessing geometry of a model (``{fingerprint, image_size, image_channels, family}``).
 

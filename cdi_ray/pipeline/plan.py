@@ -125,16 +125,23 @@ def feature_config(manifest: Manifest, audit: AuditSpec, model_name: str | None 
     return FeatureConfig(**kwargs)
 
 
+#: Family options that change only memory use and speed, never the features (text-to-image: attention and
+#: VAE slicing; caption models: the embedding cache): left out of the store key, so turning them on reuses rows.
+VALUE_NEUTRAL_OPTIONS = frozenset({"attention_slicing", "vae_slicing", "caption_cache_size"})
+
+
 def store_key(config, model) -> str:
     """The store partition of (feature config, how the model is loaded).
 
     ``FeatureConfig.config_hash()`` covers everything in the config; the weight dtype and family
-    options (e.g. ``missing_label``) also change values, so they are folded in when not default.
+    options (e.g. ``missing_label``) also change values, so they are folded in when not default
+    (except ``VALUE_NEUTRAL_OPTIONS``).
     """
     h = config.config_hash()
-    if model.dtype == "float32" and not model.options:
+    options = {k: v for k, v in model.options.items() if k not in VALUE_NEUTRAL_OPTIONS}
+    if model.dtype == "float32" and not options:
         return h
-    payload = json.dumps({"config_hash": h, "dtype": model.dtype, "options": model.options}, sort_keys=True)
+    payload = json.dumps({"config_hash": h, "dtype": model.dtype, "options": options}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
