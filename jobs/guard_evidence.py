@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-permutations", type=int, default=999)
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: the 16×16 demo UNet gains little from more, and an "
+                        "oversubscribed pool is ~100× slower on a busy machine)")
     p.add_argument("--out", default="guard_evidence.json")
     p.add_argument("--smoke-test", action="store_true", help="easy model only, small n and few repeats")
     return p.parse_args(argv)
@@ -140,6 +143,9 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.smoke_test:
         args.models, args.null_repeats, args.null_n, args.curve_repeats = ["easy"], 5, 60, 2
+    import torch
+
+    torch.set_num_threads(args.threads)
     cache, bundle = Path(args.cache), load_bundle()
     report = {"date": date.today().isoformat(), "command": "python jobs/guard_evidence.py" + (
         " --smoke-test" if args.smoke_test else f" --null-repeats {args.null_repeats} --null-n {args.null_n}"),

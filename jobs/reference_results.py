@@ -46,9 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "cdi-ray" / "reference"), help="feature cache folder")
     p.add_argument("--out", default="reference_results.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: the 16×16 demo UNet gains little from more, and an "
+                        "oversubscribed pool is ~100× slower on a busy machine)")
     p.add_argument("--max-permutations", type=int, default=999,
                    help="cap of the default test in the curves: mean p < 0.01 needs no finer floor than 1e-3")
     p.add_argument("--smoke-test", action="store_true", help="easy model, 60 images per pool, 3 repeats")
+    p.add_argument("--markdown", metavar="REPORT", help="print the docs' tables of a written report and exit")
     return p.parse_args(argv)
 
 
@@ -112,10 +116,38 @@ def _curve(curve) -> dict:
     return {str(int(n)): float(p) for n, p in zip(curve.ns, curve.mean_p)}
 
 
+def markdown(report: dict) -> str:
+    """The tables docs/DEMO_DATA.md quotes, from a report this job wrote."""
+    lines = [f"Measured {report['date']} with `{report['command']}`.", ""]
+    for name, res in report["models"].items():
+        lines += [f"**{name}** ({res['n_members']} members, {res['n_heldout']} held-out):", "",
+                  "| feature | TPR@1%FPR | AUC |", "|---|---|---|"]
+        lines += [f"| {fam} (`{v['column']}`) | {100 * v['tpr_at_1pct_fpr']:.1f} % | {v['auc']:.3f} |"
+                  for fam, v in res["mia"].items()]
+        lines += ["", "| feature group | " + " | ".join(res["minimum_n"]) + " |",
+                  "|---" * (len(res["minimum_n"]) + 1) + "|",
+                  "| min \\|P\\| for mean p < 0.01 | " + " | ".join(
+                      str(v["minimum_n"] or "> " + max(v["curve"], key=int)) for v in res["minimum_n"].values()) + " |"]
+        ns = sorted({n for c in res["partial"].values() for n in c}, key=int)
+        lines += ["", "| r (share of P not in training) | " + " | ".join(f"mean p, n = {n}" for n in ns) + " |",
+                  "|---" * (len(ns) + 1) + "|"]
+        lines += [f"| {r} | " + " | ".join(f"{c[n]:.3g}" if n in c else "—" for n in ns) + " |"
+                  for r, c in res["partial"].items()]
+        lines += ["", "| procedure (held-out vs held-out) | n | repeats | FPR at 0.01 | FPR at 0.05 | mean p |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {proc} | {v['n']} | {v['repeats']} | {100 * v['fpr_at_0.01']:.1f} % | {100 * v['fpr_at_0.05']:.1f} % "
+                  f"| {v['mean_p']:.3f} |" for proc, v in res["null"].items()]
+        lines += [""]
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> dict:
     from cdi_ray.demo.bundle import load_split
     from cdi_ray.demo.features import demo_features
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     if args.smoke_test:
         args.models, args.repeats, args.null_repeats, args.null_n = ["easy"], 3, 10, 30
@@ -139,4 +171,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    _args = parse_args()
+    if _args.markdown:
+        print(markdown(json.loads(Path(_args.markdown).read_text())))
+    else:
+        main(_args)
