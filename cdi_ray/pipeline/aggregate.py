@@ -39,11 +39,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One listed image of an audit: its URI, its content hash (None if it could not be read) and why not."""
+    """One listed image of an audit: its URI, its content hash (None if it could not be read) and why
+    not, and its store key under the audit's model (default: the content hash; for conditional models
+    the key of (content, conditioning), :mod:`cdi_ray.conditioning`). Duplicates and P∩U are decided
+    by content; features are looked up by key."""
 
     uri: str
     content_hash: str | None
     reason: str | None = None
+    key: str | None = None
+
+    @property
+    def store_key(self) -> str | None:
+        return self.key or self.content_hash
 
 
 @dataclass(frozen=True)
@@ -249,12 +257,23 @@ def select_rows(job: AuditJob, rows: dict[str, int], status: list[str], errors: 
     return picked["published"], picked["unpublished"], unusable
 
 
+def rows_by_content(job: AuditJob, rows: dict[str, int]) -> dict[str, int]:
+    """``content hash → store row`` of one audit (store rows are by key; the first listing of a
+    content wins, as in :func:`select_rows`)."""
+    out: dict[str, int] = {}
+    for r in (*job.published, *job.unpublished):
+        if r.content_hash and r.content_hash not in out and r.store_key in rows:
+            out[r.content_hash] = rows[r.store_key]
+    return out
+
+
 def _matrix(hashes: list[str], rows: dict[str, int], matrix: np.ndarray) -> np.ndarray:
     return matrix[np.asarray([rows[h] for h in hashes], dtype=np.int64)] if hashes else matrix[:0]
 
 
 def gather(job: AuditJob, rows: dict[str, int], status: list[str], errors: list[str | None], matrix: np.ndarray):
     """Steps 1–2: the P and U feature matrices of one audit, and its unusable images."""
+    rows = rows_by_content(job, rows)
     hp, hu, unusable = select_rows(job, rows, status, errors)
     return _matrix(hp, rows, matrix), _matrix(hu, rows, matrix), unusable
 
@@ -306,7 +325,7 @@ class AuditAggregator:
         from cdi_ray.controls.descriptors import DESCRIPTOR_NAMES
         from cdi_ray.pipeline.actors import DESCRIPTOR_PARTITION
 
-        needed = {r.content_hash for j in jobs for r in (*j.published, *j.unpublished) if r.content_hash}
+        needed = {r.store_key for j in jobs for r in (*j.published, *j.unpublished) if r.content_hash}
         store = FeatureStore(store_root)
         try:
             features = _table_rows(store.read(fingerprint, key, needed), columns)
@@ -329,6 +348,7 @@ class AuditAggregator:
         from cdi_ray.stats import run_test
 
         try:
+            rows = rows_by_content(job, rows)
             hp, hu, unusable = select_rows(job, rows, status, errors)
             P, U = _matrix(hp, rows, matrix), _matrix(hu, rows, matrix)
         except Exception as exc:  # noqa: BLE001
