@@ -201,7 +201,7 @@ def test_labels_reach_the_adapter_through_the_feature_actor(tiny_pixel_class_dir
     from cdi_ray.models.fingerprint import model_fingerprint
     from cdi_ray.pipeline.actors import FeatureActor, decode_batch
 
-    cfg = FeatureConfig(features="gray-box", overrides=FAST)
+    cfg = FeatureConfig(features=("dl",), overrides=FAST)
     key = cfg.config_hash()
     actor = FeatureActor(model_uri=str(tiny_pixel_class_dir), fingerprint=model_fingerprint(tiny_pixel_class_dir),
                          configs={key: cfg.model_dump(mode="json", exclude={"device"})})
