@@ -11,6 +11,8 @@ METHOD_MODULES = [
     "cdi_ray.features.registry",
     "cdi_ray.stats",
     "cdi_ray.spec",
+    "cdi_ray.sources",
+    "cdi_ray.conditioning",
 ]
 
 
