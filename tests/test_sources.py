@@ -223,3 +223,18 @@ def test_labels_reach_the_adapter_through_the_feature_actor(tiny_pixel_class_dir
     for lab, row in zip(labels, feats):
         values = direct(x, [ImageMeta(content_hash=h, label=lab)])
         assert row == pytest.approx([float(values[c][0]) for c in direct.columns], rel=1e-5, abs=1e-7)
+
+
+def test_the_null_class_can_be_asked_for_by_index():
+    """``labels: {missing: null}`` passes the null class explicitly (DiT: index num_classes), so it works
+    whatever the model's own missing_label option."""
+    import torch
+
+    from cdi_ray.models._common import class_labels
+    from cdi_ray.models.base import ImageMeta
+
+    got = class_labels([ImageMeta("h", 10), ImageMeta("h", 3)], num_classes=10, missing_label="error", null_class=10,
+                       device=torch.device("cpu"))
+    assert got.tolist() == [10, 3]
+    with pytest.raises(ValueError, match="outside"):
+        class_labels([ImageMeta("h", 10)], num_classes=10, missing_label="error", null_class=None, device=torch.device("cpu"))

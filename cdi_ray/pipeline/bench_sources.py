@@ -26,8 +26,11 @@ KINDS = ("files", "webdataset", "parquet")
 
 @contextlib.contextmanager
 def _moto():
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
