@@ -115,6 +115,7 @@ def test_shards_reuse_folder_features_and_labels_key_the_store(ray_local, data, 
     # the report says what the model was conditioned on
     prov = json.loads((out / "audits" / "null.json").read_text())["provenance"]["conditioning"]
     assert prov["kind"] == "class" and prov["missing"] == "null" and prov["null_class_used"] == 2 * N
+    assert f"{2 * N} given the null class 4" in (out / "audits" / "null.html").read_text()
     prov = json.loads((out / "audits" / "shards.json").read_text())["provenance"]["conditioning"]
     assert prov["labelled"] == 2 * N and prov["null_class_used"] == 0
 
@@ -150,12 +151,19 @@ def test_s3_shards_end_to_end_with_corrupt_members_and_cached_index(ray_local, t
             assert cli(["pack", str(tmp_path / "u"), "s3://shards/u", "--format", "parquet", "--shard-size", "4"]) == 0
             extra = write_images(tmp_path / "x", 2, seed=23)
             storage.atomic_write_bytes("s3://shards/p/shard-000002.tar", _corrupt_shard(extra))
+            # the same P as loose S3 objects with a sidecar: identical bytes, so nothing more to compute
+            for path in p:
+                storage.atomic_write_bytes(f"s3://shards/files/{os.path.basename(path)}", open(path, "rb").read())
+            storage.atomic_write_bytes("s3://shards/meta.csv", b"name,label\n0000.png,3\n")
             man = parse_manifest({
                 "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 8}},
-                "audits": [_audit("s3", "m", "s3://shards/p/shard-{000000..000002}.tar", "s3://shards/u/shard-*.parquet")],
+                "audits": [_audit("s3", "m", "s3://shards/p/shard-{000000..000002}.tar", "s3://shards/u/shard-*.parquet"),
+                           _audit("s3-files", "m", {"folder": "s3://shards/files/", "metadata": "s3://shards/meta.csv"},
+                                  "s3://shards/u/shard-*.parquet")],
                 "output": "s3://shards/out/",
             })
             first = run_manifest(man)
+            assert first.audits[1]["status"] == "done" and first.audits[1]["n_published"] == N
             a = first.audits[0]
             assert a["status"] == "done", a["error"]
             reasons = {u["uri"].rsplit("#", 1)[1]: u["reason"] for u in a["unusable_images"]}

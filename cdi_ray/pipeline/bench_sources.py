@@ -53,14 +53,16 @@ def _write_images(folder: str, n: int, size: int, seed: int) -> None:
         Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC).save(os.path.join(folder, f"{i:05d}.png"))
 
 
-def bench_sources(n_images: int = 2000, *, image_size: int = 64, shard_size: int = 250, bucket: str = "bench",
-                  endpoint: str | None = None, workdir: str | None = None) -> dict:
+def bench_sources(n_images: int = 2000, *, image_size: int = 64, shard_size: int = 250, repeats: int = 1,
+                  bucket: str = "bench", endpoint: str | None = None, workdir: str | None = None) -> dict:
     """Audit the same ``n_images`` (half published, half unpublished) from S3 in each source form.
 
     Args:
         n_images: images in all (≥ 2,000 for the documented figures).
         image_size: side of the PNGs (the model preprocesses them to 16×16).
         shard_size: images per tar / Parquet shard.
+        repeats: runs per kind, each with a fresh feature store; the fastest is reported (the
+            others are noise from whatever else the machine runs).
         bucket: S3 bucket to create and fill.
         endpoint: an S3 endpoint URL; default: a moto server started here on 127.0.0.1.
         workdir: scratch folder (default: a temp folder, removed afterwards).
@@ -106,22 +108,25 @@ def bench_sources(n_images: int = 2000, *, image_size: int = 64, shard_size: int
             sources["webdataset"][side] = {"webdataset": f"s3://{bucket}/wds/{side}/shard-*.tar"}
             sources["parquet"][side] = {"parquet": f"s3://{bucket}/pq/{side}/shard-*.parquet"}
         per_kind = {}
-        for kind in KINDS:
+        for kind, rep in ((k, r) for r in range(repeats) for k in KINDS):
             manifest = parse_manifest({
                 "models": {"m": {"uri": model, "access": "gray-box", "batch_size": 256, "max_replicas": 2}},
                 "audits": [{"id": kind, "model": "m", "published": sources[kind]["p"], "unpublished": sources[kind]["u"],
                             "features": ["dl"], "overrides": {"dl": {"n_draws": 1}}, "controls": {"model_free": False},
                             "test": {"procedure": "split"}}],
-                "output": f"s3://{bucket}/out/{kind}/",
+                "output": f"s3://{bucket}/out/{kind}-{rep}/",
             })
             t0 = time.perf_counter()
             batch = run_manifest(manifest, write=False)
             seconds = time.perf_counter() - t0
+            if kind in per_kind and per_kind[kind]["seconds"] <= seconds:
+                continue
             per_kind[kind] = {"seconds": round(seconds, 2), "images_per_s": round(n_images / seconds, 1),
                               "objects": n_images if kind == "files" else 2 * -(-half // shard_size),
                               "timings": batch.run["timings"], "computed": batch.run["features"]["computed"],
                               "status": batch.audits[0]["status"]}
-        return {"n_images": 2 * half, "image_size": image_size, "shard_size": shard_size, "per_kind": per_kind}
+        return {"n_images": 2 * half, "image_size": image_size, "shard_size": shard_size, "repeats": repeats,
+                "per_kind": per_kind}
     finally:
         stack.close()
         storage.reset_client()
