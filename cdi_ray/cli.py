@@ -55,7 +55,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from cdi_ray.sources import pack
+    from cdi_ray.packing import pack
 
     if args.shard_size <= 0:
         raise UserError(f"--shard-size must be a positive number of images, got {args.shard_size}")

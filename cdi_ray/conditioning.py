@@ -124,8 +124,8 @@ def conditioning_for(entries, hashes: dict[str, str], info: dict, *, label_map: 
         names = {str(v): int(k) for k, v in (info.get("class_names") or {}).items()}
         num, null = int(info["num_classes"]), info.get("null_class")
         if missing == "null" and null is None:
-            raise ValueError(f"labels.missing is 'null' but the model has no null class — give every image a label, "
-                             f"or load the model with options {{null_class: <index>}} if it was trained with one")
+            raise ValueError("labels.missing is 'null' but the model has no null class — give every image a label, "
+                             "or load the model with options {null_class: <index>} if it was trained with one")
         unlabelled, unknown, outside = [], [], []
         for e in entries:
             h = hashes.get(e.uri)

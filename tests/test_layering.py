@@ -12,6 +12,7 @@ METHOD_MODULES = [
     "cdi_ray.stats",
     "cdi_ray.spec",
     "cdi_ray.sources",
+    "cdi_ray.packing",
     "cdi_ray.conditioning",
 ]
 

@@ -146,7 +146,7 @@ def test_s3_shards_end_to_end_with_corrupt_members_and_cached_index(ray_local, t
         try:
             boto3.client("s3").create_bucket(Bucket="shards")
             p = write_images(tmp_path / "p", N, seed=21)
-            u = write_images(tmp_path / "u", N, seed=22)
+            write_images(tmp_path / "u", N, seed=22)
             assert cli(["pack", str(tmp_path / "p"), "s3://shards/p", "--format", "webdataset", "--shard-size", "4"]) == 0
             assert cli(["pack", str(tmp_path / "u"), "s3://shards/u", "--format", "parquet", "--shard-size", "4"]) == 0
             extra = write_images(tmp_path / "x", 2, seed=23)

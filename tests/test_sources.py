@@ -1,6 +1,6 @@
 """Collections as stored (loose files + sidecar, WebDataset tar, Parquet) and per-image conditioning — no Ray.
 
-Real files on disk, real tiny models: shards written by ``cdi_ray.sources.pack`` are indexed and
+Real files on disk, real tiny models: shards written by ``cdi_ray.packing.pack`` are indexed and
 read back byte-for-byte, and labels are checked to reach the model through the feature actor.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cdi_ray import sources
+from cdi_ray.packing import pack
 from cdi_ray.conditioning import conditioning_for, image_key, read_label_map
 from cdi_ray.images import content_hash
 from cdi_ray.sources import ImageEntry, ShardSpec
@@ -48,7 +49,7 @@ def test_brace_ranges_keep_zero_padding_and_alternatives():
 
 
 def test_patterns_name_existing_shards_or_fail_clearly(folder, tmp_path):
-    out = sources.pack(str(folder), str(tmp_path / "wds"), fmt="webdataset", shard_size=3)
+    out = pack(str(folder), str(tmp_path / "wds"), fmt="webdataset", shard_size=3)
     assert len(out["shards"]) == 3
     assert [e.uri for e in sources.expand_pattern(str(tmp_path / "wds" / "shard-*.tar"))] == out["shards"]
     assert [e.uri for e in sources.expand_pattern(str(tmp_path / "wds" / "shard-{000000..000001}.tar"))] == out["shards"][:2]
@@ -62,7 +63,7 @@ def test_patterns_name_existing_shards_or_fail_clearly(folder, tmp_path):
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_pack_index_read_round_trip_keeps_bytes_labels_and_captions(folder, tmp_path, fmt):
     paths = sorted(str(p) for p in folder.glob("*.png"))
-    out = sources.pack(str(folder), str(tmp_path / fmt), fmt=fmt, shard_size=3)
+    out = pack(str(folder), str(tmp_path / fmt), fmt=fmt, shard_size=3)
     assert out["images"] == 7 and out["metadata"].endswith("metadata.jsonl")
     spec = ShardSpec("webdataset") if fmt == "webdataset" else ShardSpec("parquet", "image", "label", "captions", "id")
     members = []
@@ -81,7 +82,7 @@ def test_pack_index_read_round_trip_keeps_bytes_labels_and_captions(folder, tmp_
 
 
 def test_tar_members_nearby_are_fetched_with_one_ranged_read(folder, tmp_path, monkeypatch):
-    out = sources.pack(str(folder), str(tmp_path / "one"), fmt="webdataset", shard_size=100)
+    out = pack(str(folder), str(tmp_path / "one"), fmt="webdataset", shard_size=100)
     members, _ = sources.index_tar(out["shards"][0], "v")
     calls = []
     real = sources.read_range

@@ -77,7 +77,7 @@ def bench_sources(n_images: int = 2000, *, image_size: int = 64, shard_size: int
     from cdi_ray import storage
     from cdi_ray.models.testing import make_tiny_pixel_ddpm
     from cdi_ray.pipeline.run import run_manifest
-    from cdi_ray.sources import pack
+    from cdi_ray.packing import pack
     from cdi_ray.spec import parse_manifest
 
     tmp = workdir or tempfile.mkdtemp(prefix="cdi-bench-")
