@@ -226,16 +226,35 @@ def test_labels_reach_the_adapter_through_the_feature_actor(tiny_pixel_class_dir
         assert row == pytest.approx([float(values[c][0]) for c in direct.columns], rel=1e-5, abs=1e-7)
 
 
-def test_the_null_class_can_be_asked_for_by_index():
-    """``labels: {missing: null}`` passes the null class explicitly (DiT: index num_classes), so it works
-    whatever the model's own missing_label option."""
+def test_the_null_class_reaches_the_model_through_its_own_option(tiny_dit_dir):
+    """An image given the null class travels without a label and the actor loads the model with
+    missing_label="null" (DiT's null index is outside its [0, num_classes)); labelled rows keep theirs."""
     import torch
 
-    from cdi_ray.models._common import class_labels
+    from cdi_ray.models import load_model
     from cdi_ray.models.base import ImageMeta
+    from cdi_ray.pipeline.actors import image_metas
+    from cdi_ray.pipeline.plan import ImageWork
+    from cdi_ray.pipeline.run import stream_items
 
-    got = class_labels([ImageMeta("h", 10), ImageMeta("h", 3)], num_classes=10, missing_label="error", null_class=10,
-                       device=torch.device("cpu"))
-    assert got.tolist() == [10, 3]
-    with pytest.raises(ValueError, match="outside"):
-        class_labels([ImageMeta("h", 10)], num_classes=10, missing_label="error", null_class=None, device=torch.device("cpu"))
+    work = [ImageWork("s#b", "hb", ("c",), key=image_key("hb", "class", label=10), loc="tar:900:5", label=10),
+            ImageWork("s#a", "ha", ("c",), key=image_key("ha", "class", label=3), loc="tar:10:5", label=3)]
+    items, options = stream_items(work, set(), 10, {"dtype_hint": 1})
+    assert options == {"dtype_hint": 1, "missing_label": "null"}
+    assert [(r["content_hash"], r["label"]) for r in items] == [("ha", 3), ("hb", -1)]  # shard order; null → no label
+    assert stream_items(work[1:], set(), 10, {})[1] == {}  # no null row: the model loads as configured
+    metas = image_metas({k: np.array([r[k] for r in items], dtype=object) for k in ("content_hash", "label", "captions")})
+    assert metas == [ImageMeta("ha", 3), ImageMeta("hb")]
+    model = load_model(tiny_dit_dir, missing_label="null")
+    assert model.conditioning(metas).tolist() == [3, model.null_class] == [3, 10]
+
+
+def test_pack_cli_refuses_bad_input_with_exit_2(folder, tmp_path, capsys):
+    from cdi_ray.cli import main
+
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    assert main(["pack", str(folder), str(tmp_path / "o"), "--format", "parquet", "--metadata", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl line 1: not valid JSON" in capsys.readouterr().err
+    assert main(["pack", str(folder), str(tmp_path / "o"), "--format", "webdataset", "--shard-size", "0"]) == 2
+    assert main(["pack", str(tmp_path / "empty"), str(tmp_path / "o"), "--format", "webdataset"]) == 2
+    assert not (tmp_path / "o").exists()

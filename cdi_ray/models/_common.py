@@ -250,7 +250,7 @@ def class_labels(metas: list[ImageMeta], *, num_classes: int, missing_label: Mis
                              f"({num_classes} classes); give every image a label in [0, {num_classes - 1}]"
                              + (", or load the model with missing_label='null' to use the null class" if null_class is not None else ""))
         label = int(m.label)
-        if not (0 <= label < num_classes or label == null_class):  # the null class may also be asked for by index
+        if not 0 <= label < num_classes:
             raise ValueError(f"image {m.content_hash} has class label {label}, outside the model's [0, {num_classes - 1}]")
         labels.append(label)
     return torch.tensor(labels, dtype=torch.long, device=device)

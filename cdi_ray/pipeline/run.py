@@ -235,6 +235,24 @@ def hash_entries(entries: list[storage.FileEntry]) -> tuple[dict[str, str], dict
 # ----------------------------------------------------------------------------------------------
 # step 5: features
 # ----------------------------------------------------------------------------------------------
+def stream_items(work: list[planning.ImageWork], describe, null_class: int | None, options: dict) -> tuple[list[dict], dict]:
+    """The stream's input rows (ordered by shard and position, :func:`_locality`) and the actors'
+    model-load options.
+
+    An image given the null class travels without a label, and the actors load the model with
+    ``missing_label="null"`` — the adapters' own way to the null class (an explicit index
+    ``num_classes`` is out of range for them). Labelled images are unaffected by that option, and
+    their store keys already say which label was used.
+    """
+    use_null = null_class is not None and any(w.label == null_class for w in work)
+    items = [{"uri": w.uri, "loc": w.loc, "content_hash": w.content_hash, "key": w.store_key,
+              "label": -1 if w.label is None or (use_null and w.label == null_class) else int(w.label),
+              "captions": json.dumps(list(w.captions)), "cfgs": ",".join(w.config_hashes),
+              "desc": w.content_hash in describe}
+             for w in sorted(work, key=_locality)]
+    return items, {**options, "missing_label": "null"} if use_null else dict(options)
+
+
 def compute_features(model_spec, info: dict, work: list[planning.ImageWork], configs: dict[str, dict],
                      columns: dict[str, list[str]], store_root: str, describe: set[str] | frozenset = frozenset(),
                      descriptor_key: str | None = None) -> dict:
@@ -246,10 +264,7 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
     import ray
     from ray.data import ActorPoolStrategy
 
-    items = [{"uri": w.uri, "loc": w.loc, "content_hash": w.content_hash, "key": w.store_key,
-              "label": -1 if w.label is None else int(w.label), "captions": json.dumps(list(w.captions)),
-              "cfgs": ",".join(w.config_hashes), "desc": w.content_hash in describe}
-             for w in sorted(work, key=_locality)]
+    items, load_options = stream_items(work, describe, info.get("null_class"), model_spec.options)
     needed_cfgs = sorted({k for w in work for k in w.config_hashes})
     ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
     # read, check, decode, preprocess: CPU tasks
@@ -271,7 +286,7 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
             "configs": {k: configs[k] for k in needed_cfgs},
             "device": model_spec.resolved_device,
             "dtype": model_spec.dtype,
-            "load_options": dict(model_spec.options),
+            "load_options": load_options,
         },
     )
     # publish: CPU tasks, one atomic part file per batch and config
