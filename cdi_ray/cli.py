@@ -59,6 +59,20 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return batch.exit_code
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from cdi_ray.packing import pack
+
+    if args.shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of images, got {args.shard_size}")
+    try:
+        res = pack(args.src, args.dest, fmt=args.format, shard_size=args.shard_size, metadata=args.metadata)
+    except ValueError as exc:  # a malformed sidecar: the message names the line and the fix
+        raise UserError(str(exc)) from None
+    meta = f" with metadata from {res['metadata']}" if res["metadata"] else " (no metadata sidecar)"
+    print(f"packed {res['images']} images{meta} into {len(res['shards'])} {args.format} shard(s) under {args.dest}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cdi_ray.demo.audit import DEFAULT_N, run_demo
 
@@ -148,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-root", help=ROOT_HELP)
     p.set_defaults(run=_cmd_audit)
 
+    p = sub.add_parser("pack", help="pack a folder of images (+ a metadata sidecar) into WebDataset or Parquet shards",
+                       description="Copy the images under SRC (bytes unchanged, so content hashes and stored features "
+                                   "carry over) with their labels/captions into shards under DEST (local or s3://).")
+    p.add_argument("src", help="folder or s3:// prefix of image files")
+    p.add_argument("dest", help="folder or s3:// prefix for the shards (shard-000000.tar / .parquet, …)")
+    p.add_argument("--format", required=True, choices=["webdataset", "parquet"], help="shard format")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
+    p.add_argument("--metadata", help="sidecar JSONL/CSV (image name → label / caption(s)); default: SRC/metadata.jsonl "
+                                      "or SRC/metadata.csv if present")
+    p.set_defaults(run=_cmd_pack)
+
     p = sub.add_parser("demo", help="audit the embedded Fashion-MNIST collections against the two shipped demo models",
                        description="Materialise the bundled collections as image files, run the audit pipeline on them, print the verdicts.")
     p.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
@@ -168,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from cdi_ray import console
+
+    console.configure(args.verbose)
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -435,6 +435,9 @@ def render_audit_html(audit_json: dict) -> str:
         ("procedure", f"{e(a.get('procedure'))} "
                       + ("(calibrated)" if a.get("calibrated") else "(NOT calibrated: cannot give “used”)"
                          if a.get("calibrated") is False else "")),
+        ("features", "audited model's" if a.get("feature_calibration", "none") == "none" else
+         f"reference-calibrated: audited model's minus {e(a['feature_calibration'].split(':', 1)[-1])}'s "
+         f"on the same images"),
         ("per-audit α", e(a.get("alpha"))),
         ("permutations", perm),
         ("seed", e(a.get("seed"))),
@@ -497,6 +500,13 @@ def render_audit_html(audit_json: dict) -> str:
         ("manifest hash", f'<span class="mono">{e(prov.get("manifest_hash"))}</span>'),
         ("seed", e(prov.get("seed", a.get("seed")))),
     ]
+    cond = prov.get("conditioning") or {}
+    if cond.get("kind") == "class":
+        pr.append(("conditioning", f"class labels: {e(cond.get('labelled'))} labelled, {e(cond.get('null_class_used'))} "
+                                   f"given the null class {e(cond.get('null_class'))} (missing: {e(cond.get('missing'))}; "
+                                   f"label map: {e(cond.get('label_map') or 'the model’s class names / indices')})"))
+    elif cond.get("kind") == "text":
+        pr.append(("conditioning", f"captions: {e(cond.get('captioned'))} captioned, {e(cond.get('uncaptioned'))} without"))
     run = prov.get("run") or {}
     if run:
         pr.append(("run", f"{e(run.get('run_id'))} · {e(run.get('started_at'))} → {e(run.get('finished_at'))} "

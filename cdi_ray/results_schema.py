@@ -87,6 +87,9 @@ class AuditEntry(_Closed):
     auc: float | None = Field(description="AUC of the held-out scores (P above U)")
     direction: Direction | None
     procedure: str | None
+    feature_calibration: str = Field(
+        "none", description="'none', or 'reference:<model>' when the test saw the audited model's features minus that "
+                            "reference model's on the same images")
     calibrated: bool | None
     alpha: float = Field(gt=0, lt=1)
     seed: int = Field(ge=0)

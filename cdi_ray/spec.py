@@ -15,7 +15,19 @@ An image source (``published`` / ``unpublished``) is one of
 * a string — a folder or an S3 prefix, listed recursively for image files;
 * a list of image URIs;
 * ``{list_file: URI}`` — a text file with one image URI per line (``#`` comments and blank
-  lines ignored; relative entries are taken relative to the list file).
+  lines ignored; relative entries are taken relative to the list file);
+* ``{folder: URI, metadata: URI}`` — a folder/prefix with a sidecar (JSONL or CSV: image name →
+  ``label`` / ``caption(s)``; ``list_file`` takes ``metadata`` too);
+* ``{webdataset: PATTERN}`` — WebDataset tar shards (``KEY.jpg`` + ``KEY.cls`` / ``.txt`` /
+  ``.json``); PATTERN is a URI, a glob (``shard-*.tar``), a brace range
+  (``shard-{000000..000099}.tar``) or a list of them. A string source ending in ``.tar`` means
+  the same;
+* ``{parquet: PATTERN, image_column: image, label_column: …, caption_column: …, id_column: …}``
+  — Parquet shards (a string source ending in ``.parquet`` means the same with the defaults).
+
+An audit's ``labels: {map: …, missing: error|null}`` maps the collection's label names onto the
+model's class indices and says what a class-conditional model does with unlabelled images
+(:mod:`cdi_ray.conditioning`).
 
 Relative local paths in a manifest are resolved against the manifest's own folder, so a
 manifest and its data can travel together (``ray job submit --working-dir .``).
@@ -67,16 +79,72 @@ class _Spec(BaseModel):
 # ----------------------------------------------------------------------------------------------
 # image sources
 # ----------------------------------------------------------------------------------------------
+_METADATA = "sidecar JSONL or CSV: image name (file/name/path) → label and/or caption(s)"
+
+
 class ListFile(_Spec):
     """A text file that lists image URIs, one per line."""
 
     list_file: str = Field(min_length=1, description="URI of a text file with one image URI per line")
+    metadata: str | None = Field(None, min_length=1, description=_METADATA)
+
+
+class ImageFolder(_Spec):
+    """A folder / prefix of image files with a metadata sidecar."""
+
+    folder: str = Field(min_length=1, description="folder or s3:// prefix, listed recursively for image files")
+    metadata: str | None = Field(None, min_length=1, description=_METADATA)
+
+
+Pattern = Union[str, list[str]]
+
+
+class WebDatasetShards(_Spec):
+    """WebDataset tar shards: KEY.jpg/.png… beside KEY.cls (label), KEY.txt (captions), KEY.json."""
+
+    webdataset: Pattern = Field(description="shard URI, glob (shard-*.tar), brace range (shard-{000..099}.tar) or a list")
+
+
+class ParquetShards(_Spec):
+    """Parquet shards: an image-bytes column beside optional metadata columns."""
+
+    parquet: Pattern = Field(description="shard URI, glob, brace range or a list")
+    image_column: str = Field("image", min_length=1, description="binary column (or {bytes, path} struct) of encoded images")
+    label_column: str | None = Field(None, description="class label column (a class name or an index)")
+    caption_column: str | None = Field(None, description="caption column (a string or a list of strings)")
+    id_column: str | None = Field(None, description="column naming each image in reports (default: its row number)")
 
 
 Source = Annotated[
-    Union[str, list[str], ListFile],
-    Field(description="a folder/prefix, an explicit list of image URIs, or {list_file: URI}"),
+    Union[str, list[str], ListFile, ImageFolder, WebDatasetShards, ParquetShards],
+    Field(description="a folder/prefix, a list of image URIs, {list_file}, {folder, metadata}, "
+                      "{webdataset: PATTERN} or {parquet: PATTERN, image_column, …}"),
 ]
+SHARD_SOURCES = (WebDatasetShards, ParquetShards)
+
+
+def shard_source(source: Any) -> "WebDatasetShards | ParquetShards | None":
+    """The shard spec a source means (a string ending in .tar / .parquet is one), else None."""
+    if isinstance(source, SHARD_SOURCES):
+        return source
+    if isinstance(source, str) and source.rstrip("}").lower().endswith(".tar"):
+        return WebDatasetShards(webdataset=source)
+    if isinstance(source, str) and source.rstrip("}").lower().endswith(".parquet"):
+        return ParquetShards(parquet=source)
+    return None
+
+
+def source_uris(source: Any) -> list[str]:
+    """Every URI / pattern a source names (for checks and relative-path resolution)."""
+    if isinstance(source, str):
+        return [source]
+    if isinstance(source, list):
+        return list(source)
+    if isinstance(source, SHARD_SOURCES):
+        p = source.webdataset if isinstance(source, WebDatasetShards) else source.parquet
+        return [p] if isinstance(p, str) else list(p)
+    main = source.list_file if isinstance(source, ListFile) else source.folder
+    return [main] + ([source.metadata] if source.metadata else [])
 
 
 _SUPPORTED = ("s3://", "file://")
@@ -126,7 +194,11 @@ def _check_source(value: Any, field: str) -> Any:
         raise ValueError(f"{field} is an empty list; give at least one image URI")
     if isinstance(value, list) and any((not isinstance(v, str)) or not v.strip() for v in value):
         raise ValueError(f"{field} must list non-empty URI strings")
-    for uri in (value if isinstance(value, list) else [value.list_file] if isinstance(value, ListFile) else [value]):
+    if isinstance(value, SHARD_SOURCES) and not source_uris(value):
+        raise ValueError(f"{field} names no shards; give a shard URI, pattern or a non-empty list")
+    for uri in source_uris(value):
+        if not uri.strip():
+            raise ValueError(f"{field} names an empty URI")
         _check_uri(uri)
     return value
 
@@ -212,6 +284,22 @@ class ControlsSpec(_Spec):
     alpha: float = Field(0.05, gt=0, lt=1, description="level of the controls, per audit and uncorrected (firing more is the safe side)")
 
 
+class LabelsSpec(_Spec):
+    """How a class-conditional model gets each image's class (docs/PIPELINE.md, "Shard sources")."""
+
+    map: dict[str, int] | str | None = Field(
+        None, description="collection label → model class index, inline or the URI of a JSON object / CSV "
+                          "(default: the model's class names, else the label read as an index)")
+    missing: Literal["error", "null"] | None = Field(
+        None, description="an image without a label: error (default) or null — the model's null/unconditional "
+                          "class (default: the model's missing_label option)")
+
+    @field_validator("map")
+    @classmethod
+    def _map(cls, v):
+        return _check_uri(v) if isinstance(v, str) else v
+
+
 class AuditSpec(_Spec):
     """One collection audited against one model."""
 
@@ -224,8 +312,13 @@ class AuditSpec(_Spec):
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-feature hyper-parameters, e.g. {ml: {timesteps: [0, 500]}}"
     )
+    calibration: Literal["none", "reference"] = Field(
+        "none", description="features the test sees: none — the audited model's; reference — the audited model's minus "
+                            "the reference model's on the same image (reference-based calibration, which removes what "
+                            "makes an image easy or hard for any model; needs controls.reference_model)")
     test: TestSpec = Field(default_factory=TestSpec)
     controls: ControlsSpec | None = Field(None, description="this audit's distribution-shift guards; default: the batch's `controls`")
+    labels: LabelsSpec = Field(default_factory=LabelsSpec, description="class labels of class-conditional models")
     seed: int = Field(0, ge=0, description="root seed of every random draw of this audit")
 
     @field_validator("published", "unpublished", mode="after")
@@ -310,6 +403,9 @@ class Manifest(_Spec):
     def _reference_problems(self, i: int, a: AuditSpec) -> list[str]:
         ref = self.controls_of(a).reference_model
         if ref is None:
+            if a.calibration == "reference":
+                return [f"audits[{i}].calibration: 'reference' needs a reference model — set "
+                        f"controls.reference_model (for this audit or the batch) to a model that cannot have seen P"]
             return []
         where = f"audits[{i}].controls.reference_model" if a.controls is not None else "controls.reference_model"
         if ref not in self.models:
@@ -405,7 +501,8 @@ def _loc(loc: tuple) -> str:
     return out or "(manifest)"
 
 
-_SOURCE_HINT = "give a folder/prefix string, a list of image URIs, or {list_file: URI}"
+_SOURCE_HINT = ("give a folder/prefix string, a list of image URIs, {list_file: URI}, {folder: URI, metadata: URI}, "
+                "{webdataset: PATTERN} or {parquet: PATTERN, image_column: …}")
 
 
 def _allowed_keys(model: type[BaseModel] | None) -> str:
@@ -429,6 +526,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             cur = FdrSpec
         elif cur is AuditSpec and p == "test":
             cur = TestSpec
+        elif cur is AuditSpec and p == "labels":
+            cur = LabelsSpec
         elif p == "controls" and cur in (Manifest, AuditSpec):
             cur = ControlsSpec
         else:
@@ -485,7 +584,8 @@ def _problems(exc: ValidationError) -> list[str]:
         if mine:
             line = f"{where}: {mine[0]['msg'].removeprefix('Value error, ')}"
         elif isinstance(value, dict):
-            line = f"{where}: a mapping source takes exactly one key, list_file (got keys {sorted(value)}) — write {{list_file: URI}}"
+            line = (f"{where}: not a valid source mapping (got keys {sorted(value)}) — use one of {{list_file, metadata}}, "
+                    f"{{folder, metadata}}, {{webdataset}}, {{parquet, image_column, label_column, caption_column, id_column}}")
         else:
             line = f"{where}: not a valid image source (got {value!r}) — {_SOURCE_HINT}"
         out.append(line)
@@ -577,11 +677,21 @@ def _resolve_relative(m: Manifest, base_dir: str) -> Manifest:
             return _abs(s, base_dir)
         if isinstance(s, list):
             return [_abs(u, base_dir) for u in s]
-        return ListFile(list_file=_abs(s.list_file, base_dir))
+        if isinstance(s, SHARD_SOURCES):
+            name = "webdataset" if isinstance(s, WebDatasetShards) else "parquet"
+            p = getattr(s, name)
+            return s.model_copy(update={name: _abs(p, base_dir) if isinstance(p, str) else [_abs(u, base_dir) for u in p]})
+        main = "list_file" if isinstance(s, ListFile) else "folder"
+        return s.model_copy(update={main: _abs(getattr(s, main), base_dir),
+                                    "metadata": _abs(s.metadata, base_dir) if s.metadata else None})
+
+    def labels(spec):
+        return spec.model_copy(update={"map": _abs(spec.map, base_dir)}) if isinstance(spec.map, str) else spec
 
     models = {k: v.model_copy(update={"uri": _abs(v.uri, base_dir)}) for k, v in m.models.items()}
     audits = [
-        a.model_copy(update={"published": src(a.published), "unpublished": src(a.unpublished)}) for a in m.audits
+        a.model_copy(update={"published": src(a.published), "unpublished": src(a.unpublished), "labels": labels(a.labels)})
+        for a in m.audits
     ]
     update: dict[str, Any] = {"models": models, "audits": audits, "output": _abs(m.output, base_dir)}
     if m.feature_store:

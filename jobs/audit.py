@@ -93,8 +93,9 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     args = parse_args()
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cdi_ray import console
+
+    console.configure(args.verbose)
     try:
         result = main(args)
     except Exception:  # noqa: BLE001

@@ -19,9 +19,7 @@ Features are cached (``--cache``) so the statistics can be re-run without the mo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import time
 from datetime import date
 from pathlib import Path
 
@@ -37,8 +35,6 @@ GROUPS = {
 }
 FAMILIES = ("dl", "secmi", "pia", "pian", "gm_", "ml_", "no_")
 MIX_R = (0.0, 0.1, 0.3, 0.5, 0.8)
-#: Batch for in-process extraction: the demo UNet is ~1 M parameters at 16×16, so 256 images fit easily.
-BATCH = 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,44 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "cdi-ray" / "reference"), help="feature cache folder")
     p.add_argument("--out", default="reference_results.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: the 16×16 demo UNet gains little from more, and an "
+                        "oversubscribed pool is ~100× slower on a busy machine)")
     p.add_argument("--max-permutations", type=int, default=999,
                    help="cap of the default test in the curves: mean p < 0.01 needs no finer floor than 1e-3")
     p.add_argument("--smoke-test", action="store_true", help="easy model, 60 images per pool, 3 repeats")
+    p.add_argument("--markdown", metavar="REPORT", help="print the docs' tables of a written report and exit")
     return p.parse_args(argv)
-
-
-def extract(model_name: str, indices: np.ndarray, *, seed: int, cache: Path) -> tuple[np.ndarray, list[str], float]:
-    """White-box features of bundle images ``indices`` on demo model ``model_name`` (cached)."""
-    import torch
-
-    from cdi_ray.demo.audit import encode_png
-    from cdi_ray.demo.bundle import demo_model_dir, load_bundle
-    from cdi_ray.features.config import FeatureConfig
-    from cdi_ray.features.extractor import FeatureExtractor
-    from cdi_ray.images import content_hash
-    from cdi_ray.models import load_model
-    from cdi_ray.models.base import ImageMeta
-
-    model = load_model(demo_model_dir(model_name))
-    config = FeatureConfig(features="white-box", seed=seed)
-    key = hashlib.sha256(f"{model.fingerprint}|{config.config_hash()}|{indices.tobytes().hex()}".encode()).hexdigest()[:16]
-    file = cache / f"{model_name}-{key}.npz"
-    if file.exists():
-        data = np.load(file, allow_pickle=False)
-        return data["X"], list(data["columns"]), float(data["seconds"])
-    bundle = load_bundle()
-    extractor = FeatureExtractor(model, config)
-    rows, t0 = [], time.perf_counter()
-    for start in range(0, len(indices), BATCH):
-        idx = indices[start:start + BATCH]
-        metas = [ImageMeta(content_hash=content_hash(encode_png(bundle.images[int(i)]))) for i in idx]
-        cols = extractor(torch.from_numpy(bundle.images_float(idx)), metas)
-        rows.append(np.stack([cols[c] for c in extractor.columns], axis=1))
-    seconds = time.perf_counter() - t0
-    X = np.concatenate(rows)
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(file, X=X, columns=np.array(extractor.columns), seconds=seconds)
-    return X, list(extractor.columns), seconds
 
 
 def columns_of(columns: list[str], prefixes: tuple[str, ...]) -> list[int]:
@@ -150,9 +116,38 @@ def _curve(curve) -> dict:
     return {str(int(n)): float(p) for n, p in zip(curve.ns, curve.mean_p)}
 
 
+def markdown(report: dict) -> str:
+    """The tables docs/DEMO_DATA.md quotes, from a report this job wrote."""
+    lines = [f"Measured {report['date']} with `{report['command']}`.", ""]
+    for name, res in report["models"].items():
+        lines += [f"**{name}** ({res['n_members']} members, {res['n_heldout']} held-out):", "",
+                  "| feature | TPR@1%FPR | AUC |", "|---|---|---|"]
+        lines += [f"| {fam} (`{v['column']}`) | {100 * v['tpr_at_1pct_fpr']:.1f} % | {v['auc']:.3f} |"
+                  for fam, v in res["mia"].items()]
+        lines += ["", "| feature group | " + " | ".join(res["minimum_n"]) + " |",
+                  "|---" * (len(res["minimum_n"]) + 1) + "|",
+                  "| min \\|P\\| for mean p < 0.01 | " + " | ".join(
+                      str(v["minimum_n"] or "> " + max(v["curve"], key=int)) for v in res["minimum_n"].values()) + " |"]
+        ns = sorted({n for c in res["partial"].values() for n in c}, key=int)
+        lines += ["", "| r (share of P not in training) | " + " | ".join(f"mean p, n = {n}" for n in ns) + " |",
+                  "|---" * (len(ns) + 1) + "|"]
+        lines += [f"| {r} | " + " | ".join(f"{c[n]:.3g}" if n in c else "—" for n in ns) + " |"
+                  for r, c in res["partial"].items()]
+        lines += ["", "| procedure (held-out vs held-out) | n | repeats | FPR at 0.01 | FPR at 0.05 | mean p |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {proc} | {v['n']} | {v['repeats']} | {100 * v['fpr_at_0.01']:.1f} % | {100 * v['fpr_at_0.05']:.1f} % "
+                  f"| {v['mean_p']:.3f} |" for proc, v in res["null"].items()]
+        lines += [""]
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> dict:
     from cdi_ray.demo.bundle import load_split
+    from cdi_ray.demo.features import demo_features
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     if args.smoke_test:
         args.models, args.repeats, args.null_repeats, args.null_n = ["easy"], 3, 10, 30
@@ -164,8 +159,8 @@ def main(args: argparse.Namespace) -> dict:
         members, heldout = np.asarray(split["members"]), np.asarray(split["heldout"])
         if args.smoke_test:
             members, heldout = members[:60], heldout[:120]
-        Xm, columns, sm = extract(name, members, seed=args.seed, cache=cache)
-        Xh, _, sh = extract(name, heldout, seed=args.seed, cache=cache)
+        Xm, columns, sm = demo_features(name, members, seed=args.seed, cache=cache)
+        Xh, _, sh = demo_features(name, heldout, seed=args.seed, cache=cache)
         res = evaluate(Xm, Xh, columns, args)
         res["extraction_images_per_s"] = round((len(Xm) + len(Xh)) / max(sm + sh, 1e-9), 1)
         report["models"][name] = res
@@ -176,4 +171,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    _args = parse_args()
+    if _args.markdown:
+        print(markdown(json.loads(Path(_args.markdown).read_text())))
+    else:
+        main(_args)

@@ -45,3 +45,22 @@ def tiny_latent_vq_dir(tmp_path_factory):
 def tiny_dit_dir(tmp_path_factory):
     """DiT, 10 classes (null class 10), learned sigma: RGB 16×16 images → latent (4, 8, 8)."""
     return testing.make_tiny_dit(tmp_path_factory.mktemp("models") / "dit", image_size=16, channels=3, num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_dir(tmp_path_factory):
+    """Stable-Diffusion layout (UNet2DConditionModel + VAE + CLIP text encoder/tokenizer, 8-token captions of
+    width 32): RGB 16×16 images → latent (4, 8, 8)."""
+    return testing.make_tiny_text2image(tmp_path_factory.mktemp("models") / "t2i", image_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_uvit_class_dir(tmp_path_factory):
+    """Class-conditional U-ViT, 11 label rows (classes 0..9, null class 10): RGB 16×16 → latent (4, 8, 8)."""
+    return testing.make_tiny_uvit(tmp_path_factory.mktemp("models") / "uvit_class", "class", image_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_uvit_text_dir(tmp_path_factory):
+    """Text-conditional U-ViT (uvit_t2i, 8 CLIP tokens of width 32): RGB 16×16 → latent (4, 8, 8)."""
+    return testing.make_tiny_uvit(tmp_path_factory.mktemp("models") / "uvit_text", "text", image_size=16)

@@ -205,6 +205,27 @@ def test_reference_control_fires_when_the_reference_detects():
     assert failed.fired and failed.pvalue is None and "model cannot load" in failed.reason
 
 
+def test_calibrated_rows_subtract_per_hash_and_need_both_sides_ok():
+    from cdi_ray.pipeline.aggregate import calibrated_rows
+
+    target = ({"a": 0, "b": 1, "c": 2, "d": 3}, ["ok", "ok", "error", "ok"], [None, None, "truncated", None],
+              np.arange(8.0).reshape(4, 2))
+    reference = ({"b": 1, "a": 0, "c": 2}, ["ok", "ok", "ok"], [None, None, None], np.ones((3, 2)))
+    rows, status, errors, matrix = calibrated_rows(target, reference)
+    assert status == ["ok", "ok", "error", "error"]
+    assert errors[2] == "truncated" and errors[3].startswith("reference_features_missing")
+    assert np.array_equal(matrix[rows["a"]], [-1.0, 0.0]) and np.array_equal(matrix[rows["b"]], [1.0, 2.0])
+
+
+def test_reference_calibration_needs_a_reference_model():
+    from cdi_ray.spec import ManifestError, parse_manifest
+
+    with pytest.raises(ManifestError, match=r"audits\[0\]\.calibration: 'reference' needs a reference model"):
+        parse_manifest({"models": {"m": {"uri": "/m"}}, "output": "/o",
+                        "audits": [{"id": "a", "model": "m", "published": "/p", "unpublished": "/u",
+                                    "calibration": "reference"}]})
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def ray_local():
@@ -242,7 +263,9 @@ def test_pipeline_class_shift_is_inconclusive_never_used(ray_local, tiny_pixel_d
 
     def manifest(controls_on: bool):
         audits = [{"id": "shift", **common}, {"id": "shift-unguarded", **common, "controls": {"model_free": False}},
-                  {"id": "shift-ref", **common, "controls": {"model_free": False, "reference_model": "ref"}}]
+                  {"id": "shift-ref", **common, "controls": {"model_free": False, "reference_model": "ref"}},
+                  {"id": "shift-cal", **common, "calibration": "reference",
+                   "controls": {"model_free": False, "reference_model": "ref"}}]
         return parse_manifest({
             "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 40},
                        "ref": {"uri": str(ref), "access": "gray-box", "batch_size": 40}},
@@ -273,8 +296,35 @@ def test_pipeline_class_shift_is_inconclusive_never_used(ray_local, tiny_pixel_d
     with_ref = by_id["shift-ref"]
     assert [c["name"] for c in with_ref["controls"]] == ["reference-model"]
     assert with_ref["verdict"] == "inconclusive" and "reference model 'ref'" in with_ref["verdict_reason"]
-    assert with_ref["p_value"] == guarded["p_value"] and len(b.audits) == 3  # no shadow entry, not FDR-counted
-    assert b.fdr["n_tested"] == 3
+    assert with_ref["p_value"] == guarded["p_value"] and len(b.audits) == 4  # no shadow entry, not FDR-counted
+    assert b.fdr["n_tested"] == 4
+    # reference calibration: the test sees target − reference features of the same images
+    cal = by_id["shift-cal"]
+    assert cal["feature_calibration"] == "reference:ref" and cal["n_published"] == n
+    from cdi_ray.images import content_hash
+    from cdi_ray.models import load_model
+    from cdi_ray.pipeline import plan
+    from cdi_ray.pipeline.store import FeatureStore
+
+    m = manifest(True)
+    a_cal = next(a for a in m.audits if a.id == "shift-cal")
+    store = FeatureStore(str(tmp_path / "out" / "features"))
+
+    def stored(model_name):
+        cfg = plan.feature_config(m, a_cal, model_name)
+        t = store.read(load_model(m.models[model_name].uri).fingerprint, plan.store_key(cfg, m.models[model_name]))
+        rows = dict(zip(t.column("content_hash").to_pylist(), range(t.num_rows)))
+        return rows, np.column_stack([t.column(c).to_numpy() for c in cfg.columns])
+
+    (rows_t, X_t), (rows_r, X_r) = stored("m"), stored("ref")
+    hashes = {side: [content_hash(f.read_bytes()) for f in sorted((tmp_path / side).iterdir())] for side in "pu"}
+    diff = {side: np.stack([X_t[rows_t[h]] - X_r[rows_r[h]] for h in hs]) for side, hs in hashes.items()}
+    from cdi_ray.pipeline.run import batch_max_permutations, test_options
+
+    options = test_options(a_cal.test, batch_max_permutations(4, m.fdr.q, m.fdr.method))
+    direct = run_test(diff["p"], diff["u"], procedure=a_cal.test.procedure, alpha=a_cal.test.alpha, seed=a_cal.seed,
+                      **options)
+    assert cal["p_value"] == pytest.approx(direct.pvalue, rel=1e-12)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["audits"][0]["controls"][0]["name"] == "model-free"
     # 3. re-run: descriptors reused from the store

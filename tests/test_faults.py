@@ -28,7 +28,6 @@ import ray
 import yaml
 
 from cdi_ray.pipeline import run as run_module
-from cdi_ray.pipeline.store import FeatureStore
 from _pipeline_helpers import write_images
 
 FAST = {"dl": {"n_draws": 2}}

@@ -121,8 +121,11 @@ def _images(n: int, shape, seed: int) -> torch.Tensor:
     return torch.rand((n, *shape), generator=g) * 2 - 1
 
 
-def _metas(n: int, prefix: str = "img", labels: bool = False) -> list[ImageMeta]:
-    return [ImageMeta(content_hash=f"{prefix}{i:04d}", label=(i % 3) if labels else None) for i in range(n)]
+def _metas(n: int, prefix: str = "img", labels: bool = False, captions: bool = False) -> list[ImageMeta]:
+    """Image metas; with ``captions`` image i has i % 3 + 1 captions (one is chosen per image by its seed)."""
+    return [ImageMeta(content_hash=f"{prefix}{i:04d}", label=(i % 3) if labels else None,
+                      captions=tuple(f"caption {j} of image {i}" for j in range(i % 3 + 1)) if captions else ())
+            for i in range(n)]
 
 
 def _tol(column: str) -> dict:
@@ -448,18 +451,24 @@ def test_lbfgs_matches_scipy_on_a_smooth_problem():
 # (e) presets on the real adapters (pixel DDPM, latent KL, DiT; conftest's session fixtures)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_models(tiny_pixel_dir, tiny_latent_kl_dir, tiny_dit_dir):
+def tiny_models(tiny_pixel_dir, tiny_latent_kl_dir, tiny_dit_dir, tiny_t2i_dir, tiny_uvit_class_dir, tiny_uvit_text_dir):
     from cdi_ray.models import load_model
 
-    return {"pixel": load_model(tiny_pixel_dir), "latent-kl": load_model(tiny_latent_kl_dir), "dit": load_model(tiny_dit_dir)}
+    return {"pixel": load_model(tiny_pixel_dir), "latent-kl": load_model(tiny_latent_kl_dir), "dit": load_model(tiny_dit_dir),
+            "text-to-image": load_model(tiny_t2i_dir), "uvit-class": load_model(tiny_uvit_class_dir),
+            "uvit-text": load_model(tiny_uvit_text_dir)}
 
 
-@pytest.mark.parametrize("family", ["pixel", "latent-kl", "dit"])
+def _model_metas(model, n: int, prefix: str = "img") -> list[ImageMeta]:
+    return _metas(n, prefix, labels=model.conditioning_kind == "class", captions=model.conditioning_kind == "text")
+
+
+@pytest.mark.parametrize("family", ["pixel", "latent-kl", "dit", "text-to-image", "uvit-class", "uvit-text"])
 def test_presets_give_finite_columns_on_every_family(tiny_models, family):
     model = tiny_models[family]
     B = 2
     x = _images(B, (model.image_channels, model.image_size, model.image_size), seed=6)
-    metas = _metas(B, labels=model.conditioning_kind == "class")
+    metas = _model_metas(model, B)
     for preset, columns in (("white-box", WHITE_BOX_COLUMNS), ("gray-box", GRAY_BOX_COLUMNS)):
         ext = FeatureExtractor(model, FeatureConfig(features=preset))
         out = ext(x, metas)
@@ -469,16 +478,19 @@ def test_presets_give_finite_columns_on_every_family(tiny_models, family):
         assert (ext.last_pass_counts["forward"] == ext.passes_per_image()["forward"]).all()
 
 
-def test_latent_posterior_sample_is_per_image(tiny_models):
-    model = tiny_models["dit"]
+@pytest.mark.parametrize("family", ["dit", "text-to-image", "uvit-class", "uvit-text"])
+def test_latent_posterior_sample_is_per_image(tiny_models, family):
+    """An image's features — its posterior sample, caption choice and noise — do not depend on its batch position."""
+    model = tiny_models[family]
     x = _images(3, (model.image_channels, model.image_size, model.image_size), seed=8)
-    metas = _metas(3, labels=True)
+    metas = _model_metas(model, 3)
     cfg = FeatureConfig(features=("dl", "gm", "no"), overrides={"gm": {"timesteps": [100, 700]}})
     ext = FeatureExtractor(model, cfg)
     full = ext(x, metas)
     rev = ext(x.flip(0), metas[::-1])
     _assert_rows_close(rev, 2, full, 0, ext.columns)
     _assert_rows_close(rev, 0, full, 2, ext.columns)
+    _assert_rows_close(ext(x[1:2], metas[1:2]), 0, full, 1, ext.columns)  # alone: the same caption and noise
     mean = FeatureExtractor(model, cfg.model_copy(update={"encode": "mean"}))(x, metas)
     assert not np.allclose(mean["dl"], full["dl"])
 
@@ -598,3 +610,26 @@ def test_timesteps_beyond_the_schedule_are_refused():
     model.alphas_cumprod = ALPHAS_CUMPROD[:500]
     with pytest.raises(ValueError, match="t=900.*500 timesteps"):
         FeatureExtractor(model, FeatureConfig(features=("ml",)))
+
+
+def test_extract_to_parquet_with_captions(tmp_path, tiny_t2i_dir):
+    import pyarrow.parquet as pq
+
+    from cdi_ray.features.extract import extract_to_parquet
+    from cdi_ray.images import ImageError
+
+    _write_pngs(tmp_path / "imgs", 2)
+    out = tmp_path / "x.parquet"
+    with pytest.raises(ImageError, match="im1.png.*no caption"):
+        extract_to_parquet(tiny_t2i_dir, str(tmp_path / "imgs"), str(out), preset="gray-box",
+                           captions={"im0.png": "a cat"})
+    caps = {"im0.png": "a cat", "im1.png": ["a dog", "two dogs"]}
+    assert extract_to_parquet(tiny_t2i_dir, str(tmp_path / "imgs"), str(out), preset="gray-box", captions=caps) == 2
+    with_caps = pq.read_table(out).to_pylist()
+    # the empty prompt for images without a caption, when asked for
+    out2 = tmp_path / "y.parquet"
+    assert extract_to_parquet(tiny_t2i_dir, str(tmp_path / "imgs"), str(out2), preset="gray-box",
+                              model_options={"missing_caption": "empty"}) == 2
+    empty = pq.read_table(out2).to_pylist()
+    assert [r["content_hash"] for r in empty] == [r["content_hash"] for r in with_caps]
+    assert not np.allclose([r["dl"] for r in empty], [r["dl"] for r in with_caps])  # the caption matters

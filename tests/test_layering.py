@@ -11,6 +11,9 @@ METHOD_MODULES = [
     "cdi_ray.features.registry",
     "cdi_ray.stats",
     "cdi_ray.spec",
+    "cdi_ray.sources",
+    "cdi_ray.packing",
+    "cdi_ray.conditioning",
 ]
 
 

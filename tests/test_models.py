@@ -19,12 +19,17 @@ FAMILY_DIRS = {
     "tiny_latent_kl_dir": ("latent-unet", (4, 8, 8), 3),
     "tiny_latent_vq_dir": ("latent-unet", (3, 8, 8), 3),
     "tiny_dit_dir": ("dit", (4, 8, 8), 3),
+    "tiny_t2i_dir": ("text-to-image", (4, 8, 8), 3),
+    "tiny_uvit_class_dir": ("uvit", (4, 8, 8), 3),
+    "tiny_uvit_text_dir": ("uvit", (4, 8, 8), 3),
 }
 HASHES = ["aa" * 32, "bb" * 32, "cc" * 32]
+CAPTIONS = [("a photo of a cat",), ("a dog", "two dogs on grass"), ("",)]
 
 
 def metas(labels=(1, 2, 3)):
-    return [ImageMeta(content_hash=h, label=lab) for h, lab in zip(HASHES, labels)]
+    """Labels for class models, captions for text models (each family reads what it needs)."""
+    return [ImageMeta(content_hash=h, label=lab, captions=c) for h, lab, c in zip(HASHES, labels, CAPTIONS)]
 
 
 def images(model: DiffusionModel, n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -80,6 +85,22 @@ def test_prediction_is_batch_invariant(fixture, request):
     full = model.predict_noise(z, 300, cond)
     one = model.predict_noise(z[1:2], 300, model.select(cond, slice(1, 2)))
     torch.testing.assert_close(full[1:2], one, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", list(FAMILY_DIRS))
+def test_meta_problem_matches_what_conditioning_refuses(fixture, request):
+    model = load_model(request.getfixturevalue(fixture))
+    assert all(model.meta_problem(m) is None for m in metas())
+    bare = ImageMeta("dd" * 32)
+    problem = model.meta_problem(bare)
+    if model.conditioning_kind == "none":
+        assert problem is None
+    else:
+        assert problem is not None and "dd" * 32 in problem
+        with pytest.raises(ValueError, match="no (class label|caption)"):
+            model.conditioning([bare])
+    if model.conditioning_kind == "class":
+        assert "outside" in model.meta_problem(ImageMeta("ee" * 32, label=99))
 
 
 def test_bad_inputs_are_refused(tiny_pixel_dir):
@@ -140,7 +161,7 @@ def test_bfloat16_weights_return_float32(tiny_pixel_dir):
 
 # -- class conditioning --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", ["tiny_pixel_class_dir", "tiny_dit_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_pixel_class_dir", "tiny_dit_dir", "tiny_uvit_class_dir"])
 def test_class_prediction_depends_on_label(fixture, request):
     model = load_model(request.getfixturevalue(fixture))
     assert model.conditioning_kind == "class"
@@ -151,7 +172,7 @@ def test_class_prediction_depends_on_label(fixture, request):
     torch.testing.assert_close(a[1], b[1])
 
 
-@pytest.mark.parametrize("fixture", ["tiny_pixel_class_dir", "tiny_dit_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_pixel_class_dir", "tiny_dit_dir", "tiny_uvit_class_dir"])
 def test_missing_or_out_of_range_label_names_the_image(fixture, request):
     model = load_model(request.getfixturevalue(fixture))
     with pytest.raises(ValueError, match=HASHES[1]):
@@ -222,7 +243,7 @@ def test_dit_legacy_transformer2d_name(tmp_path, tiny_dit_dir):
 
 # -- latent encoders -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", ["tiny_latent_kl_dir", "tiny_dit_dir"])
+@pytest.mark.parametrize("fixture", ["tiny_latent_kl_dir", "tiny_dit_dir", "tiny_t2i_dir", "tiny_uvit_text_dir"])
 def test_kl_encode_sample_vs_mean(fixture, request):
     model = load_model(request.getfixturevalue(fixture))
     vae = getattr(model, "autoencoder", None) or model.vae
@@ -331,16 +352,17 @@ def test_empty_or_unknown_directory_lists_families(tmp_path):
         load_model(tmp_path / "empty")
     assert_clean_error(ei, str(tmp_path / "empty"), "matches no supported model family", "empty directory",
                        *FAMILIES, "unet/", "transformer/", "vqvae/")
-    # a text-to-image layout is recognised as unsupported, and what was found is listed
-    sd = tmp_path / "sd"
+    # an SDXL layout (two text encoders) is recognised as unsupported, and what was found is listed
+    sd = tmp_path / "sdxl"
     (sd / "unet").mkdir(parents=True)
     (sd / "text_encoder").mkdir()
+    (sd / "text_encoder_2").mkdir()
     (sd / "vae").mkdir()
     (sd / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ModelLoadError) as ei:
         load_model(sd)
-    assert_clean_error(ei, str(sd), "StableDiffusionPipeline", "UNet2DConditionModel", "text_encoder/")
+    assert_clean_error(ei, str(sd), "StableDiffusionXLPipeline", "UNet2DConditionModel", "text_encoder_2/")
 
 
 def test_file_instead_of_directory(tmp_path):

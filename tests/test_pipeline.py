@@ -240,7 +240,7 @@ def test_s3_round_trip(ray_local, models, tmp_path):
 # ---------------------------------------------------------------------------------------------- pieces, no Ray
 def test_plan_work_dedups_across_audits_models_and_store():
     needs = {"A": {"c1": {"h1", "h2", "h3"}, "c2": {"h1"}}, "B": {"c1": {"h1", "h4"}}, "A2": {"c1": {"h2", "h5"}}}
-    rep = {h: f"s3://x/{h}.png" for h in ("h1", "h2", "h3", "h4", "h5")}
+    rep = {h: planning.ImageWork(f"s3://x/{h}.png", h) for h in ("h1", "h2", "h3", "h4", "h5")}
     fps = {"A": "fpA", "B": "fpB", "A2": "fpA"}  # A2: same weights as A under another name
     stored = {("fpA", "c1"): {"h3"}}
     work = planning.plan_work(needs, rep, stored, fps)

@@ -103,8 +103,29 @@ def test_duplicate_audit_id_and_unknown_model():
 def test_bad_sources():
     p = problems(base(published=5, unpublished={"lst": "x"}))
     assert any(s.startswith("audits[0].published: not a valid image source (got 5)") and "list_file" in s for s in p), p
-    assert any(s.startswith("audits[0].unpublished: a mapping source takes exactly one key, list_file") for s in p), p
+    assert any(s.startswith("audits[0].unpublished: not a valid source mapping (got keys ['lst'])") and "webdataset" in s
+               for s in p), p
     assert problems(base(published=[])) == ["audits[0].published: published is an empty list; give at least one image URI"]
+    assert problems(base(published={"parquet": "s3://b/x.parquet", "label_col": "y"}))[0].startswith(
+        "audits[0].published: not a valid source mapping")
+    assert problems(base(labels={"missing": "none"})) == [
+        "audits[0].labels.missing: 'none' is not allowed — use one of 'error' or 'null'"]
+
+
+def test_shard_sources_sidecars_and_label_maps_resolve_relative_paths(tmp_path):
+    from cdi_ray.spec import ImageFolder, ParquetShards, WebDatasetShards, json_schema, shard_source
+
+    m = parse_manifest(base(published={"webdataset": ["p/shard-{000..009}.tar", "s3://b/more-*.tar"]},
+                            unpublished={"folder": "u", "metadata": "u/meta.csv"},
+                            labels={"map": "synsets.json", "missing": "null"}), base_dir=str(tmp_path))
+    a = m.audits[0]
+    assert a.published == WebDatasetShards(webdataset=[str(tmp_path / "p/shard-{000..009}.tar"), "s3://b/more-*.tar"])
+    assert a.unpublished == ImageFolder(folder=str(tmp_path / "u"), metadata=str(tmp_path / "u/meta.csv"))
+    assert a.labels.map == str(tmp_path / "synsets.json") and a.labels.missing == "null"
+    # a string ending in .tar / .parquet is a shard source with the defaults
+    assert shard_source("s3://b/s-{0..3}.tar") == WebDatasetShards(webdataset="s3://b/s-{0..3}.tar")
+    assert shard_source("x/*.parquet") == ParquetShards(parquet="x/*.parquet") and shard_source("s3://b/imgs/") is None
+    assert "webdataset" in json.dumps(json_schema()) and "label_column" in json.dumps(json_schema())
 
 
 def test_pool_and_device_consistency():

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -102,6 +102,8 @@ def extract_to_parquet(
     batch_size: int = 32,
     config: FeatureConfig | None = None,
     labels: Mapping[str, int] | None = None,
+    captions: Mapping[str, str | Sequence[str]] | None = None,
+    model_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Compute the features of every image and write them to ``out`` (Parquet). Returns the row count.
 
@@ -116,6 +118,9 @@ def extract_to_parquet(
         config (`FeatureConfig`, *optional*): full settings; replaces ``preset``, ``seed``, ``device``.
         labels (`Mapping[str, int]`, *optional*): class label per image file name (class-conditional models);
             a label from the list file takes precedence.
+        captions (`Mapping[str, str | Sequence[str]]`, *optional*): caption(s) per image file name (text-conditional
+            models; with several, one is chosen per image by the seed).
+        model_options (`Mapping`, *optional*): family options for ``load_model``, e.g. ``{"missing_caption": "empty"}``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -127,13 +132,21 @@ def extract_to_parquet(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = config if config is not None else FeatureConfig(features=preset, seed=seed, device=device)
     files = list_images(images)
-    model = load_model(model_dir, device=cfg.device)
+    model = load_model(model_dir, device=cfg.device, **dict(model_options or {}))
     extractor = FeatureExtractor(model, cfg)
     mode = "L" if model.image_channels == 1 else "RGB"
     labels = dict(labels or {})
     files = [(p, lab if lab is not None else labels.get(p.name)) for p, lab in files]
     if model.conditioning_kind == "class":
         _check_labels(files, model)
+    captions = {name: (c,) if isinstance(c, str) else tuple(c) for name, c in (captions or {}).items()}
+    if model.conditioning_kind == "text":
+        from cdi_ray.images import ImageError
+
+        for path, _ in files:
+            if model.meta_problem(ImageMeta(str(path), captions=captions.get(path.name, ()))):
+                raise ImageError(str(path), "has no caption, but the model is text-conditional; pass captions="
+                                 "{file name: caption(s)}, or model_options={'missing_caption': 'empty'}")
 
     ids: list[str] = []
     hashes: list[str] = []
@@ -145,7 +158,7 @@ def extract_to_parquet(
             h = content_hash(data)
             img = decode_image(data, name=str(path), mode=mode)
             arrays.append(preprocess(img, size=model.image_size, channels=model.image_channels))
-            metas.append(ImageMeta(content_hash=h, label=label))
+            metas.append(ImageMeta(content_hash=h, label=label, captions=captions.get(path.name, ())))
             ids.append(path.name)
             hashes.append(h)
         feats = extractor(torch.from_numpy(np.stack(arrays)), metas)

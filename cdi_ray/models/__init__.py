@@ -9,8 +9,10 @@ from .fingerprint import model_fingerprint
 from .latent import LatentUNet
 from .loader import FAMILIES, detect_family, load_model, register_family, supported_layouts
 from .pixel import PixelDDPM
+from .text2image import TextToImage
+from .uvit import UViT
 
 __all__ = [
     "DiffusionModel", "ImageMeta", "ModelLoadError", "FAMILIES", "load_model", "detect_family", "register_family",
-    "supported_layouts", "model_fingerprint", "PixelDDPM", "LatentUNet", "DiT",
+    "supported_layouts", "model_fingerprint", "PixelDDPM", "LatentUNet", "DiT", "TextToImage", "UViT",
 ]

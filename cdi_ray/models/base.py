@@ -84,6 +84,25 @@ class DiffusionModel(ABC):
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor | int, cond: Any) -> torch.Tensor:
         """``f(z_t, t, cond)`` → ε̂ with the shape of ``z_t``; differentiable w.r.t. ``z_t``."""
 
+    def meta_problem(self, meta: ImageMeta) -> str | None:
+        """Why this image cannot be conditioned on (no class label, a label out of range, no caption), or None.
+
+        Lets a caller turn one badly described image into an error row instead of failing its whole batch.
+        Checks exactly what :meth:`conditioning` would refuse, without running any network.
+        """
+        from . import _common as C
+        from . import text as T
+
+        try:
+            if self.conditioning_kind == "class":
+                C.class_labels([meta], num_classes=self.num_classes, missing_label=getattr(self, "missing_label", "error"),
+                               null_class=self.null_class, device=torch.device("cpu"))
+            elif self.conditioning_kind == "text":
+                T.choose_captions([meta], None, getattr(self, "missing_caption", "error"))
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def select(self, cond: Any, index: torch.Tensor | slice) -> Any:
         """The conditioning of a subset of the batch (used when features split a batch)."""
         if cond is None:

@@ -10,7 +10,7 @@ The registry ``FAMILIES`` maps a family name to an adapter class with
 
 Detection: a ``model_index.json`` naming a known pipeline class decides; otherwise the first
 family (in registration order, most specific first) whose ``detect`` accepts the directory.
-A new family (text-to-image, U-ViT…) is one module plus one ``register_family`` call.
+A new family is one module plus one ``register_family`` call.
 
 Nothing is ever downloaded: paths are local directories (``local_files_only=True``).
 """
@@ -26,6 +26,8 @@ from .base import DiffusionModel, ModelLoadError
 from .dit import DiT
 from .latent import LatentUNet
 from .pixel import PixelDDPM
+from .text2image import TextToImage
+from .uvit import UViT
 
 FAMILIES: dict[str, type[DiffusionModel]] = {}
 
@@ -42,7 +44,10 @@ def register_family(cls: type[DiffusionModel]) -> type[DiffusionModel]:
     return cls
 
 
-# Most specific first: a transformer/ folder is a DiT; unet/ + an autoencoder is latent; unet/ alone is pixel.
+# Most specific first: uvit/ is a U-ViT; a conditional UNet + text_encoder/ is text-to-image; a transformer/ folder
+# is a DiT; unet/ + an autoencoder is latent; unet/ alone is pixel.
+register_family(UViT)
+register_family(TextToImage)
 register_family(DiT)
 register_family(LatentUNet)
 register_family(PixelDDPM)

@@ -187,3 +187,129 @@ def make_tiny_dit(dir: str | Path, image_size: int = 16, channels: int = 3, num_
                                              "scheduler": ("diffusers", "DDIMScheduler")},
                        id2label={str(i): f"class_{i}" for i in range(num_classes)})
     return root
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE (GPT-2, CLIP) uses for the bytes 0…255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def _write_tiny_clip(root: Path, *, max_length: int, hidden_size: int) -> None:
+    """``tokenizer/`` (a byte-level CLIP BPE over single characters, no merges: every text tokenizes) and
+    ``text_encoder/`` (a 2-layer CLIPTextModel) — offline, no vocabulary download."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    alphabet = _byte_level_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length).save_pretrained(root / "tokenizer")
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(config).save_pretrained(root / "text_encoder")
+
+
+def _sd_scheduler():
+    """SD's training schedule (``scaled_linear`` 0.00085…0.012, T = 1000), as SD pipelines save it."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False)
+
+
+def make_tiny_text2image(dir: str | Path, image_size: int = 16, seed: int = 0, *, max_length: int = 8,
+                         text_width: int = 32) -> Path:
+    """A Stable-Diffusion-layout model: ``unet/`` (UNet2DConditionModel, cross-attention to the text) + ``vae/``
+    + ``text_encoder/`` + ``tokenizer/`` (captions padded to ``max_length`` tokens) + ``scheduler/`` (SD's
+    scaled-linear DDIM) + model_index.json (StableDiffusionPipeline). RGB images → latent (4, size/2, size/2)."""
+    from diffusers import UNet2DConditionModel
+
+    root = Path(dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with _seeded(seed):
+        vae = _tiny_kl(image_size=image_size, channels=3)
+        vae.register_to_config(scaling_factor=0.5)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1, norm_num_groups=8, attention_head_dim=8, cross_attention_dim=text_width,
+        )
+        _write_tiny_clip(root, max_length=max_length, hidden_size=text_width)
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    _sd_scheduler().save_pretrained(root / "scheduler")
+    _write_model_index(root, "StableDiffusionPipeline", {
+        "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+        "scheduler": ("diffusers", "DDIMScheduler")})
+    return root
+
+
+def tiny_uvit_config(conditioning: str = "class", *, latent_size: int = 8, num_classes: int = 11,
+                     max_length: int = 8, text_width: int = 32) -> dict:
+    """The ``config.nnet`` values of a tiny U-ViT (depth 4: 2 in-blocks, mid, 2 out-blocks; width 16; patch 2)."""
+    cfg = {"name": "uvit_t2i" if conditioning == "text" else "uvit", "img_size": latent_size, "patch_size": 2,
+           "in_chans": 4, "embed_dim": 16, "depth": 4, "num_heads": 2, "mlp_ratio": 4, "qkv_bias": False,
+           "mlp_time_embed": False, "conv": True}
+    if conditioning == "text":
+        cfg.update(clip_dim=text_width, num_clip_token=max_length)
+    else:
+        cfg["num_classes"] = num_classes if conditioning == "class" else -1
+    return cfg
+
+
+def make_tiny_uvit(dir: str | Path, conditioning: str = "class", image_size: int = 16, seed: int = 0, *,
+                   num_classes: int = 11, max_length: int = 8, text_width: int = 32) -> Path:
+    """A U-ViT in the release's layout: ``uvit/`` (config.json + model.safetensors in the official key layout)
+    + ``vae/`` [+ ``text_encoder/`` + ``tokenizer/`` for ``conditioning="text"``].
+
+    ``conditioning``: ``"class"`` (``num_classes`` rows, the last one the null class), ``"text"`` or ``"none"``.
+    """
+    from safetensors.torch import save_file
+
+    from .uvit_net import UViTConfig, UViTNet
+
+    root = Path(dir)
+    (root / "uvit").mkdir(parents=True, exist_ok=True)
+    cfg = tiny_uvit_config(conditioning, latent_size=image_size // 2, num_classes=num_classes,
+                           max_length=max_length, text_width=text_width)
+    with _seeded(seed):
+        vae = _tiny_kl(image_size=image_size, channels=3)
+        vae.register_to_config(scaling_factor=0.5)
+        net = UViTNet(UViTConfig.from_dict(cfg))
+        if conditioning == "text":
+            _write_tiny_clip(root, max_length=max_length, hidden_size=text_width)
+    (root / "uvit" / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, root / "uvit" / "model.safetensors")
+    vae.save_pretrained(root / "vae")
+    return root
+
+
+def make_sd15_shaped(dir: str | Path, seed: int = 0, *, dtype: torch.dtype = torch.float16,
+                     device: str = "cpu") -> Path:
+    """A text-to-image model with Stable Diffusion 1.5's component sizes (860M-parameter UNet, KL-f8 VAE,
+    CLIP ViT-L/14 text encoder, 77 tokens) and random weights, saved in ``dtype`` — for memory and speed
+    checks at realistic size on a GPU worker (the tokenizer is the tiny offline one; its vocabulary size
+    does not matter for cost). Building it takes seconds on a GPU, minutes on CPU."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = Path(dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with _seeded(seed), torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the SD 1.x defaults otherwise
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=512, scaling_factor=0.18215)
+        _write_tiny_clip(root, max_length=77, hidden_size=32)  # tokenizer/ (replaced text encoder below)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                            bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    unet.to(dtype).save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    text.to(dtype).save_pretrained(root / "text_encoder")
+    _sd_scheduler().save_pretrained(root / "scheduler")
+    return root

@@ -2,8 +2,9 @@
 
 Stream per model (``run.py`` wires it)::
 
-    rows {uri, content_hash, cfgs}
-      ── map_batches(decode_batch)            CPU tasks: read bytes, check hash, decode, preprocess
+    rows {uri, loc, content_hash, key, label, captions, cfgs}
+      ── map_batches(decode_batch)            CPU tasks: read bytes (shard members by locator),
+                                              check hash, decode, preprocess
                                               (+ model-free descriptors → the store, where needed)
       ── map_batches(FeatureActor, compute=ActorPoolStrategy(min, max), num_gpus=…)
       ── map_batches(write_batch)             CPU tasks: one atomic part file per batch and config
@@ -23,19 +24,17 @@ never stored (the next run retries it).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
+import json
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from cdi_ray import storage
+from cdi_ray.pipeline.model_cache import materialize_model
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,9 @@ STATUS_OK, STATUS_ERROR, STATUS_TRANSIENT = "ok", "error", "transient"
 
 #: Columns every decoded batch carries into the feature actor.
 DECODED_COLUMNS = ("content_hash", "cfgs", "image", "status", "error")
+#: Optional columns: the image's store key (default: its content hash), class index (-1: none) and
+#: captions (a JSON list) — what the model is conditioned on (:mod:`cdi_ray.conditioning`).
+CONDITIONING_COLUMNS = ("key", "label", "captions")
 
 #: Output schema of the feature actor; features travel as one list column because batches of
 #: different configs have different widths (14 gray-box, 26 white-box columns).
@@ -65,77 +67,15 @@ SUMMARY_SCHEMA = pa.schema([
 
 
 # ----------------------------------------------------------------------------------------------
-# model location
+# model description (s3:// models are fetched once per node: model_cache.py)
 # ----------------------------------------------------------------------------------------------
-def cache_root() -> str:
-    """Node-local cache for models fetched from S3 (``CDI_RAY_CACHE`` or ``~/.cache/cdi-ray``)."""
-    return os.path.join(os.environ.get("CDI_RAY_CACHE", os.path.expanduser("~/.cache/cdi-ray")), "models")
-
-
-def materialize_model(uri: str) -> str:
-    """A local directory holding the model at ``uri`` (downloaded once per node for ``s3://``).
-
-    The cache entry is named by the URI and the objects' ETags, so a re-uploaded model is fetched
-    again; every file is checked against its size and checksum (:func:`fetch_verified`). Concurrent actors on one node take a file lock; the download lands in a temp folder
-    that is renamed into place, so a crash never leaves a half model that looks complete.
-    """
-    if not storage.is_remote(uri):
-        return storage.local_path(uri)
-    entries = list(storage.iter_files(uri))
-    if not entries:
-        raise FileNotFoundError(f"no files under model prefix {uri}")
-    ident = hashlib.sha256("\n".join([uri] + [f"{e.uri}\0{e.size}\0{e.version}" for e in entries]).encode())
-    root = cache_root()
-    dest = os.path.join(root, ident.hexdigest()[:32])
-    if os.path.isdir(dest):
-        return dest
-    os.makedirs(root, exist_ok=True)
-    with open(dest + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isdir(dest):
-            return dest
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-        prefix = uri.rstrip("/") + "/"
-        try:
-            for e in entries:
-                rel = e.uri[len(prefix):] if e.uri.startswith(prefix) else storage.basename(e.uri)
-                path = os.path.join(tmp, *rel.split("/"))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(fetch_verified(e))
-            os.rename(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def fetch_verified(entry: storage.FileEntry, attempts: int = 2) -> bytes:
-    """An object's bytes, checked against its listing: the size, and the MD5 where the ETag is one
-    (single-part uploads; botocore also checks the object's own CRC when S3 stored one). A
-    mismatch is fetched again; a second mismatch is an error — a corrupted model never reaches the cache."""
-    problem = ""
-    for _ in range(attempts):
-        try:
-            data = storage.read_bytes(entry.uri)
-        except storage.StorageError as exc:  # e.g. botocore's checksum mismatch
-            problem = str(exc)
-            continue
-        if len(data) != entry.size:
-            problem = f"got {len(data):,} bytes, the listing says {entry.size:,}"
-        elif len(entry.version) == 32 and all(c in "0123456789abcdef" for c in entry.version) \
-                and hashlib.md5(data).hexdigest() != entry.version:
-            problem = f"MD5 {hashlib.md5(data).hexdigest()} ≠ ETag {entry.version}"
-        else:
-            return data
-    raise OSError(f"model file {entry.uri}: checksum mismatch after {attempts} downloads ({problem}) — "
-                  "the object or the network corrupts it; re-upload the model")
-
-
 def describe_model(uri: str, store_root: str, load_options: dict | None = None) -> dict:
-    """Fingerprint and preprocessing geometry of a model (``{fingerprint, image_size, image_channels, family}``).
+    """Fingerprint, preprocessing geometry and conditioning of a model (``{fingerprint, image_size,
+    image_channels, family, conditioning_kind, num_classes, null_class, class_names}``).
 
-    The geometry is cached in the feature store by fingerprint, so the model is loaded at most
-    once ever for this; the fingerprint itself is a hash of the weights (seconds per GB).
+    The description is cached in the feature store by fingerprint (and load options, which can
+    set the null class), so the model is loaded at most once ever for this; the fingerprint
+    itself is a hash of the weights (seconds per GB).
     """
     from cdi_ray.models.fingerprint import model_fingerprint
     from cdi_ray.pipeline.store import FeatureStore
@@ -143,14 +83,19 @@ def describe_model(uri: str, store_root: str, load_options: dict | None = None) 
     path = materialize_model(uri)
     fp = model_fingerprint(path)
     store = FeatureStore(store_root)
-    info = store.model_info(fp)
-    if info is None:
+    cache_id = fp if not load_options else fp + "-" + hashlib.sha256(
+        json.dumps(load_options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    info = store.model_info(cache_id)
+    if info is None or "conditioning_kind" not in info:
         from cdi_ray.models.loader import load_model
 
         model = load_model(path, device="cpu", **(load_options or {}))
-        info = {"image_size": int(model.image_size), "image_channels": int(model.image_channels), "family": model.family}
+        info = {"image_size": int(model.image_size), "image_channels": int(model.image_channels), "family": model.family,
+                "conditioning_kind": model.conditioning_kind, "num_classes": model.num_classes,
+                "null_class": model.null_class,
+                "class_names": {str(k): str(v) for k, v in (getattr(model, "class_names", None) or {}).items()}}
         try:
-            store.put_model_info(fp, info)
+            store.put_model_info(cache_id, info)
         except OSError as exc:  # a read-only store still works, just slower next time
             log.warning("cannot cache model info in %s: %s", store_root, exc)
     return {"fingerprint": fp, **info}
@@ -164,14 +109,21 @@ def describe_model(uri: str, store_root: str, load_options: dict | None = None) 
 DESCRIPTOR_PARTITION = "_descriptors"
 
 
-def _load_one(uri: str, expected: str, size: int, channels: int):
-    """Read, re-hash, decode and preprocess one image: ``(status, error, data, image, array)``."""
+def _read_batch(batch: dict[str, np.ndarray]) -> list:
+    """The bytes (or read exception) of every row; shard members by locator, several per read."""
+    from cdi_ray.sources import read_images
+
+    uris = [str(u) for u in batch["uri"]]
+    locs = [str(x) for x in batch["loc"]] if "loc" in batch else [""] * len(uris)
+    return read_images(uris, locs)
+
+
+def _load_one(uri: str, data, expected: str, size: int, channels: int):
+    """Re-hash, decode and preprocess one image's bytes: ``(status, error, data, image, array)``."""
     from cdi_ray.images import ImageError, content_hash, decode_image, preprocess
 
-    try:
-        data = storage.read_bytes(uri)
-    except Exception as exc:  # noqa: BLE001 — any read failure is retried next run
-        return STATUS_TRANSIENT, f"unreadable: {type(exc).__name__}: {exc}", None, None, None
+    if isinstance(data, BaseException):  # any read failure is retried next run
+        return STATUS_TRANSIENT, f"unreadable: {type(data).__name__}: {data}", None, None, None
     if content_hash(data) != expected:
         return STATUS_TRANSIENT, "changed_since_planning: the object's bytes changed during the run", None, None, None
     try:
@@ -215,7 +167,8 @@ def _descriptors_or_error(data, img, arr) -> tuple[dict | None, str]:
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int,
                  descriptors: dict | None = None) -> dict[str, np.ndarray]:
-    """``{uri, content_hash, cfgs[, desc]}`` → ``{content_hash, cfgs, image (B,C,size,size) float32, status, error}``.
+    """``{uri, content_hash, cfgs[, loc, desc, key, label, captions]}`` →
+    ``{content_hash, cfgs, image (B,C,size,size) float32, status, error[, key, label, captions]}``.
 
     The bytes are re-hashed: an object rewritten since planning must not be stored under the
     old hash (status ``transient``; the next run sees the new hash).
@@ -234,8 +187,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int,
     d_values: list[dict | None] = []
     d_status: list[str] = []
     d_errors: list[str] = []
-    for i, (uri, expected) in enumerate(zip(batch["uri"], batch["content_hash"])):
-        status[i], errors[i], data, img, arr = _load_one(str(uri), str(expected), size, channels)
+    for i, (uri, raw, expected) in enumerate(zip(batch["uri"], _read_batch(batch), batch["content_hash"])):
+        status[i], errors[i], data, img, arr = _load_one(str(uri), raw, str(expected), size, channels)
         if arr is not None:
             images[i] = arr
         if want[i]:
@@ -251,13 +204,15 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int,
         except Exception as exc:  # noqa: BLE001 — never fail the feature stream for them: the
             # descriptor-only pass after the streams recomputes whatever is missing from the store
             log.warning("could not store model-free descriptors of %d images: %s", len(d_rows), exc)
-    return {
+    out = {
         "content_hash": np.asarray(batch["content_hash"], dtype=object),
         "cfgs": np.asarray(batch["cfgs"], dtype=object),
         "image": images,
         "status": status,
         "error": errors,
     }
+    out.update({c: batch[c] for c in CONDITIONING_COLUMNS if c in batch})
+    return out
 
 
 def describe_batch(batch: dict[str, np.ndarray], *, size: int, channels: int, store_root: str, key: str) -> dict[str, np.ndarray]:
@@ -265,8 +220,8 @@ def describe_batch(batch: dict[str, np.ndarray], *, size: int, channels: int, st
     ``{uri, content_hash}`` → descriptors published to partition ``key``; returns ``{content_hash, status, error}``."""
     hashes = [str(h) for h in batch["content_hash"]]
     status, errors, values = [], [], []
-    for uri, expected in zip(batch["uri"], hashes):
-        st, err, data, img, arr = _load_one(str(uri), expected, size, channels)
+    for uri, raw, expected in zip(batch["uri"], _read_batch(batch), hashes):
+        st, err, data, img, arr = _load_one(str(uri), raw, expected, size, channels)
         v = None
         if st == STATUS_OK:
             v, err = _descriptors_or_error(data, img, arr)
@@ -328,8 +283,14 @@ class FeatureStage:
         }
 
     def process(self, batch: dict[str, np.ndarray]) -> list[tuple[str, str, str, str, list[float] | None]]:
-        """Rows ``(content_hash, store key, status, error, features)`` — one per (image, config)."""
+        """Rows ``(image key, config key, status, error, features)`` — one per (image, config).
+
+        The image key is the content hash, or the ``key`` column for images conditioned on a
+        label / captions, which travel in ``label`` / ``captions`` into :class:`ImageMeta`.
+        """
         hashes = [str(h) for h in batch["content_hash"]]
+        keys = [str(k) for k in batch["key"]] if "key" in batch else hashes
+        metas = image_metas(batch)
         cfgs = [str(c).split(",") for c in batch["cfgs"]]
         status = [str(s) for s in batch["status"]]
         errors = [str(e) for e in batch["error"]]
@@ -337,20 +298,18 @@ class FeatureStage:
         for key, extractor in self.extractors.items():
             rows = [i for i in range(len(hashes)) if key in cfgs[i]]
             good = [i for i in rows if status[i] == STATUS_OK]
-            feats = self._features_split(extractor, batch["image"], hashes, good) if good else {}
+            feats = self._features_split(extractor, batch["image"], metas, good) if good else {}
             for i in rows:
                 if isinstance(feats.get(i), list):
-                    out.append((hashes[i], key, STATUS_OK, None, feats[i]))
+                    out.append((keys[i], key, STATUS_OK, None, feats[i]))
                 else:
-                    out.append((hashes[i], key, STATUS_ERROR if i in feats else status[i],
+                    out.append((keys[i], key, STATUS_ERROR if i in feats else status[i],
                                 feats.get(i) or errors[i] or "failed", None))
         return out
 
-    def _features_split(self, extractor, images: np.ndarray, hashes: list[str], idx: list[int]) -> dict[int, list | str]:
+    def _features_split(self, extractor, images: np.ndarray, metas: list, idx: list[int]) -> dict[int, list | str]:
         """Row index → feature list, or → the out-of-memory reason of an image that fails alone."""
         import torch
-
-        from cdi_ray.models.base import ImageMeta
 
         oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
         x = torch.as_tensor(np.ascontiguousarray(images[idx]), dtype=torch.float32)
@@ -358,7 +317,7 @@ class FeatureStage:
             if self.max_batch_mb is not None and x.numel() * x.element_size() > self.max_batch_mb * 2**20:
                 raise MemoryError(f"{len(idx)} images × {x[0].numel() * x.element_size():,} bytes exceed "
                                   f"max_batch_mb={self.max_batch_mb}")
-            values = extractor(x, [ImageMeta(content_hash=hashes[i]) for i in idx])
+            values = extractor(x, [metas[i] for i in idx])
         except oom as exc:
             del x
             if self.device == "cuda":
@@ -368,10 +327,22 @@ class FeatureStage:
                                 f"({type(exc).__name__}: {exc}) — use a device with more memory"}
             log.warning("out of memory on a batch of %d images; retrying as two halves", len(idx))
             half = len(idx) // 2
-            return {**self._features_split(extractor, images, hashes, idx[:half]),
-                    **self._features_split(extractor, images, hashes, idx[half:])}
+            return {**self._features_split(extractor, images, metas, idx[:half]),
+                    **self._features_split(extractor, images, metas, idx[half:])}
         matrix = np.stack([np.asarray(values[c], dtype=np.float64) for c in extractor.columns], axis=1)
         return dict(zip(idx, matrix.tolist()))
+
+
+def image_metas(batch: dict[str, np.ndarray]) -> list:
+    """One :class:`ImageMeta` per row: content hash (the seed root) and the conditioning columns."""
+    from cdi_ray.models.base import ImageMeta
+
+    n = len(batch["content_hash"])
+    labels = batch["label"] if "label" in batch else [-1] * n
+    captions = batch["captions"] if "captions" in batch else [""] * n
+    return [ImageMeta(content_hash=str(h), label=None if int(lab) < 0 else int(lab),
+                      captions=tuple(json.loads(str(c))) if str(c) else ())
+            for h, lab, c in zip(batch["content_hash"], labels, captions)]
 
 
 class FeatureActor:
@@ -397,7 +368,8 @@ class FeatureActor:
             raise KeyError(f"FeatureActor needs columns {list(DECODED_COLUMNS)}; missing {missing}")
         rows = self.stage.process(batch)
         # One-to-one: every (input hash, requested config) exactly once, nothing else.
-        expected = sorted((str(h), k) for h, cs in zip(batch["content_hash"], batch["cfgs"]) for k in str(cs).split(","))
+        keys = batch["key"] if "key" in batch else batch["content_hash"]
+        expected = sorted((str(h), k) for h, cs in zip(keys, batch["cfgs"]) for k in str(cs).split(","))
         got = sorted((r[0], r[1]) for r in rows)
         if got != expected:
             raise RuntimeError(f"feature rows do not map one-to-one onto inputs ({len(got)} rows for {len(expected)} expected)")

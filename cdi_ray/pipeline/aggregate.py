@@ -39,11 +39,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One listed image of an audit: its URI, its content hash (None if it could not be read) and why not."""
+    """One listed image of an audit: its URI, its content hash (None if it could not be read) and why
+    not, and its store key under the audit's model (default: the content hash; for conditional models
+    the key of (content, conditioning), :mod:`cdi_ray.conditioning`). Duplicates and P∩U are decided
+    by content; features are looked up by key."""
 
     uri: str
     content_hash: str | None
     reason: str | None = None
+    key: str | None = None
+
+    @property
+    def store_key(self) -> str | None:
+        return self.key or self.content_hash
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,10 @@ class AuditJob:
     controls: dict = field(default_factory=dict)
     #: store key of the descriptor partition (the model's preprocessing geometry).
     descriptor_key: str | None = None
+    #: ``(reference fingerprint, its config key)``: test on target minus reference features.
+    calibration: tuple[str, str] | None = None
+    #: ``(target store key, reference store key)`` of images whose keys differ between the two models.
+    calibration_keys: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -249,12 +261,23 @@ def select_rows(job: AuditJob, rows: dict[str, int], status: list[str], errors: 
     return picked["published"], picked["unpublished"], unusable
 
 
+def rows_by_content(job: AuditJob, rows: dict[str, int]) -> dict[str, int]:
+    """``content hash → store row`` of one audit (store rows are by key; the first listing of a
+    content wins, as in :func:`select_rows`)."""
+    out: dict[str, int] = {}
+    for r in (*job.published, *job.unpublished):
+        if r.content_hash and r.content_hash not in out and r.store_key in rows:
+            out[r.content_hash] = rows[r.store_key]
+    return out
+
+
 def _matrix(hashes: list[str], rows: dict[str, int], matrix: np.ndarray) -> np.ndarray:
     return matrix[np.asarray([rows[h] for h in hashes], dtype=np.int64)] if hashes else matrix[:0]
 
 
 def gather(job: AuditJob, rows: dict[str, int], status: list[str], errors: list[str | None], matrix: np.ndarray):
     """Steps 1–2: the P and U feature matrices of one audit, and its unusable images."""
+    rows = rows_by_content(job, rows)
     hp, hu, unusable = select_rows(job, rows, status, errors)
     return _matrix(hp, rows, matrix), _matrix(hu, rows, matrix), unusable
 
@@ -270,6 +293,35 @@ def _table_rows(table, columns: list[str]):
     matrix = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in columns]).astype(np.float64)
     return ({h: i for i, h in enumerate(hashes)}, table.column("status").to_pylist(),
             table.column("error").to_pylist(), matrix)
+
+
+def calibrated_rows(target, reference, key_map: dict[str, str] | None = None, only: set[str] | None = None):
+    """Reference-calibrated rows: target minus reference features of the same image.
+
+    Both tables and the result are :func:`_table_rows` tuples keyed by store key. ``key_map``
+    maps a target key to the reference's key of the same image where they differ (conditional
+    models whose label or caption keys differ between the two); ``only`` limits the result to
+    those target keys. An image is usable only if both models' rows are ok; otherwise the reason
+    names which side failed.
+    """
+    rows_t, status_t, errors_t, m_t = target
+    rows_r, status_r, errors_r, m_r = reference
+    key_map = key_map or {}
+    keys = [k for k in rows_t if only is None or k in only]
+    status, errors = [], []
+    matrix = np.zeros((len(keys), m_t.shape[1]))
+    for i, k in enumerate(keys):
+        it, ir = rows_t[k], rows_r.get(key_map.get(k, k))
+        if status_t[it] != STATUS_OK:
+            status.append(status_t[it]), errors.append(errors_t[it])
+        elif ir is None:
+            status.append("error"), errors.append("reference_features_missing: not in the feature store for the reference model")
+        elif status_r[ir] != STATUS_OK:
+            status.append(status_r[ir]), errors.append(f"reference model: {errors_r[ir] or 'failed'}")
+        else:
+            status.append(STATUS_OK), errors.append(None)
+            matrix[i] = m_t[it] - m_r[ir]
+    return {k: i for i, k in enumerate(keys)}, status, errors, matrix
 
 
 def run_controls(job: AuditJob, hp: list[str], hu: list[str], descriptors) -> list:
@@ -306,7 +358,7 @@ class AuditAggregator:
         from cdi_ray.controls.descriptors import DESCRIPTOR_NAMES
         from cdi_ray.pipeline.actors import DESCRIPTOR_PARTITION
 
-        needed = {r.content_hash for j in jobs for r in (*j.published, *j.unpublished) if r.content_hash}
+        needed = {r.store_key for j in jobs for r in (*j.published, *j.unpublished) if r.content_hash}
         store = FeatureStore(store_root)
         try:
             features = _table_rows(store.read(fingerprint, key, needed), columns)
@@ -322,13 +374,33 @@ class AuditAggregator:
             except Exception as exc:  # noqa: BLE001 — the controls of these audits then count as fired
                 log.warning("cannot read descriptors %s: %s", dk, exc)
                 descriptors[dk] = None
-        return [self._run_one(j, *features, descriptors.get(j.descriptor_key), columns=columns) for j in jobs]
+        references: dict[tuple[str, str], Any] = {}
+        for cal in sorted({j.calibration for j in jobs if j.calibration}):
+            want = {dict(j.calibration_keys).get(r.store_key, r.store_key) for j in jobs if j.calibration == cal
+                    for r in (*j.published, *j.unpublished) if r.content_hash}
+            try:
+                references[cal] = _table_rows(store.read(*cal, want), columns)
+            except Exception as exc:  # noqa: BLE001 — these audits fail, the others go on
+                references[cal] = f"cannot read the reference model's features: {type(exc).__name__}: {exc}"
+        outcomes = []
+        for j in jobs:
+            rows = features
+            if j.calibration:
+                ref = references[j.calibration]
+                if isinstance(ref, str):
+                    outcomes.append(AuditOutcome(j.audit_id, "failed", error=ref))
+                    continue
+                mine = {r.store_key for r in (*j.published, *j.unpublished) if r.content_hash}
+                rows = calibrated_rows(features, ref, dict(j.calibration_keys), only=mine)
+            outcomes.append(self._run_one(j, *rows, descriptors.get(j.descriptor_key), columns=columns))
+        return outcomes
 
     def _run_one(self, job: AuditJob, rows, status, errors, matrix, descriptors=None, *,
                  columns: list[str] | None = None) -> AuditOutcome:
         from cdi_ray.stats import run_test
 
         try:
+            rows = rows_by_content(job, rows)
             hp, hu, unusable = select_rows(job, rows, status, errors)
             P, U = _matrix(hp, rows, matrix), _matrix(hu, rows, matrix)
         except Exception as exc:  # noqa: BLE001

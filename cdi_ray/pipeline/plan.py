@@ -22,11 +22,12 @@ import json
 import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from cdi_ray import storage
-from cdi_ray.spec import AuditSpec, ListFile, Manifest
+from cdi_ray.sources import ImageEntry, ShardSpec, attach_sidecar, expand_pattern
+from cdi_ray.spec import AuditSpec, ImageFolder, ListFile, Manifest, ParquetShards, shard_source
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +41,49 @@ LIST_THREADS = 16
 def _source_key(source) -> tuple:
     if isinstance(source, str):
         return ("prefix", source)
-    if isinstance(source, ListFile):
-        return ("list_file", source.list_file)
-    return ("list", tuple(source))
+    if isinstance(source, list):
+        return ("list", tuple(source))
+    return (type(source).__name__, source.model_dump_json())
 
 
-def list_source(source) -> list[storage.FileEntry]:
-    """The image files a source names, in a stable order.
+@dataclass(frozen=True)
+class ShardRef:
+    """A listed shard whose images are not known yet (:mod:`cdi_ray.pipeline.shards` indexes it)."""
+
+    entry: storage.FileEntry
+    spec: ShardSpec
+
+
+def shard_spec(source) -> ShardSpec:
+    if isinstance(source, ParquetShards):
+        return ShardSpec("parquet", source.image_column, source.label_column, source.caption_column, source.id_column)
+    return ShardSpec("webdataset")
+
+
+def list_source(source) -> list[ImageEntry | ShardRef]:
+    """The image files a source names (shard sources: its shards), in a stable order.
 
     Raises:
-        FileNotFoundError: the folder / prefix / list file does not exist, or holds no images.
+        FileNotFoundError: the folder / prefix / list file / shard does not exist, or holds no images.
+        ValueError: a malformed metadata sidecar or shard pattern (the message names it).
     """
-    if isinstance(source, str):
-        entries = storage.list_images(source)
+    shards = shard_source(source)
+    if shards is not None:
+        spec = shard_spec(shards)
+        patterns = shards.webdataset if spec.kind == "webdataset" else shards.parquet
+        found = {e.uri: e for p in ([patterns] if isinstance(patterns, str) else patterns) for e in expand_pattern(p)}
+        return [ShardRef(found[u], spec) for u in sorted(found)]
+    if isinstance(source, (str, ImageFolder)):
+        folder = source if isinstance(source, str) else source.folder
+        entries = storage.list_images(folder)
         if not entries:
-            raise FileNotFoundError(f"no image files under {source} (looked for {', '.join(sorted(storage.IMAGE_EXTENSIONS))})")
-        return entries
+            hint = ""
+            if any(e.uri.endswith((".tar", ".parquet")) for e in storage.iter_files(folder)):
+                hint = " — it holds shards: write {webdataset: …/*.tar} or {parquet: …/*.parquet}"
+            raise FileNotFoundError(f"no image files under {folder} (looked for {', '.join(sorted(storage.IMAGE_EXTENSIONS))}){hint}")
+        if isinstance(source, ImageFolder) and source.metadata:
+            return attach_sidecar(entries, storage.normalize(folder), source.metadata)
+        return [ImageEntry(e.uri, e.size, e.version) for e in entries]
     uris = storage.read_list_file(source.list_file) if isinstance(source, ListFile) else [storage.normalize(u) for u in source]
     if not uris:
         raise FileNotFoundError(f"list file {source.list_file} names no images")
@@ -67,13 +95,15 @@ def list_source(source) -> list[storage.FileEntry]:
             out.append(storage.FileEntry(uri, -1, ""))  # reported per image later ("missing")
         except OSError:  # denied, or S3 still failing: no version, so hashing reads it and names the reason
             out.append(storage.FileEntry(uri, 0, ""))
-    return out
+    if isinstance(source, ListFile) and source.metadata:
+        return attach_sidecar(out, None, source.metadata)
+    return [ImageEntry(e.uri, e.size, e.version) for e in out]
 
 
 @dataclass
 class Listing:
-    published: list[storage.FileEntry] = field(default_factory=list)
-    unpublished: list[storage.FileEntry] = field(default_factory=list)
+    published: list[ImageEntry] = field(default_factory=list)
+    unpublished: list[ImageEntry] = field(default_factory=list)
     error: str | None = None
 
 
@@ -127,25 +157,32 @@ def feature_config(manifest: Manifest, audit: AuditSpec, model_name: str | None 
     return FeatureConfig(**kwargs)
 
 
+#: Family options that change only memory use and speed, never the features (text-to-image: attention and
+#: VAE slicing; caption models: the embedding cache): left out of the store key, so turning them on reuses rows.
+VALUE_NEUTRAL_OPTIONS = frozenset({"attention_slicing", "vae_slicing", "caption_cache_size"})
+
+
 def store_key(config, model) -> str:
     """The store partition of (feature config, how the model is loaded).
 
     ``FeatureConfig.config_hash()`` covers everything in the config; the weight dtype and family
-    options (e.g. ``missing_label``) also change values, so they are folded in when not default.
+    options (e.g. ``missing_label``) also change values, so they are folded in when not default
+    (except ``VALUE_NEUTRAL_OPTIONS``).
     """
     h = config.config_hash()
-    if model.dtype == "float32" and not model.options:
+    options = {k: v for k, v in model.options.items() if k not in VALUE_NEUTRAL_OPTIONS}
+    if model.dtype == "float32" and not options:
         return h
-    payload = json.dumps({"config_hash": h, "dtype": model.dtype, "options": model.options}, sort_keys=True)
+    payload = json.dumps({"config_hash": h, "dtype": model.dtype, "options": options}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
 # 2.–3. dedup
 # ----------------------------------------------------------------------------------------------
-def distinct_entries(listings: Iterable[Listing]) -> list[storage.FileEntry]:
+def distinct_entries(listings: Iterable[Listing]) -> list[ImageEntry]:
     """Every URI once (first listing wins), in URI order."""
-    seen: dict[str, storage.FileEntry] = {}
+    seen: dict[str, ImageEntry] = {}
     for li in listings:
         for e in (*li.published, *li.unpublished):
             seen.setdefault(e.uri, e)
@@ -156,6 +193,11 @@ def split_cached(entries: list[storage.FileEntry], index: dict[str, tuple[int, s
     """Entries whose hash the index knows (same size and version) → ``{uri: hash}``; the rest to hash."""
     known, todo = {}, []
     for e in entries:
+        if getattr(e, "error", None):  # reported per image (e.g. a shard member with bad metadata)
+            continue
+        if getattr(e, "content_hash", None):  # a shard member, hashed while its shard was indexed
+            known[e.uri] = e.content_hash
+            continue
         hit = index.get(e.uri)
         if e.size >= 0 and hit is not None and hit[0] == e.size and hit[1] == e.version and e.version:
             known[e.uri] = hit[2]
@@ -166,29 +208,40 @@ def split_cached(entries: list[storage.FileEntry], index: dict[str, tuple[int, s
 
 @dataclass(frozen=True)
 class ImageWork:
-    """One image to compute under one model: its bytes' hash, a URI holding them, its configs."""
+    """One image to compute under one model: its bytes' hash, a URI holding them, its configs,
+    and what the model is conditioned on (``key``: its store key, :mod:`cdi_ray.conditioning`;
+    ``loc``: where the bytes sit inside the URI's shard, :mod:`cdi_ray.sources`)."""
 
     uri: str
     content_hash: str
-    config_hashes: tuple[str, ...]
+    config_hashes: tuple[str, ...] = ()
+    key: str = ""
+    loc: str = ""
+    label: int | None = None
+    captions: tuple[str, ...] = ()
+
+    @property
+    def store_key(self) -> str:
+        return self.key or self.content_hash
 
 
 def plan_work(
     needs: dict[str, dict[str, set[str]]],
-    representative: dict[str, str],
+    representative: dict[str, ImageWork],
     stored: dict[tuple[str, str], set[str]],
     fingerprints: dict[str, str],
 ) -> dict[str, list[ImageWork]]:
     """What each model must still compute.
 
     Args:
-        needs: ``model name → config hash → content hashes`` the audits use.
-        representative: ``content hash → one URI with those bytes`` (the first in URI order).
-        stored: ``(fingerprint, config hash) → content hashes`` already in the store.
+        needs: ``model name → config hash → image keys`` the audits use (the content hash, or for
+            conditional models the key of (content, conditioning): :mod:`cdi_ray.conditioning`).
+        representative: ``image key → ImageWork`` (one URI with those bytes and its conditioning).
+        stored: ``(fingerprint, config hash) → image keys`` already in the store.
         fingerprints: ``model name → fingerprint``.
 
     Returns:
-        ``model name → [ImageWork]`` sorted by content hash; models with nothing to do are absent.
+        ``model name → [ImageWork]`` sorted by image key; models with nothing to do are absent.
     """
     out: dict[str, list[ImageWork]] = {}
     # Two model names can point at the same weights (same fingerprint): merge them.
@@ -207,6 +260,6 @@ def plan_work(
                 cfgs_of[h].append(cfg)
         if cfgs_of:
             out[name_of_fp[fp]] = [
-                ImageWork(representative[h], h, tuple(cfgs)) for h, cfgs in sorted(cfgs_of.items())
+                replace(representative[h], config_hashes=tuple(cfgs)) for h, cfgs in sorted(cfgs_of.items())
             ]
     return out

@@ -54,7 +54,7 @@ ENTRY_COLUMNS = {
     "p_value": pa.float64(), "p_adjusted": pa.float64(), "fdr_reject": pa.bool_(),
     "n_published": pa.int64(), "n_unpublished": pa.int64(),
     "statistic": pa.float64(), "effect_size": pa.float64(), "auc": pa.float64(), "direction": pa.string(),
-    "procedure": pa.string(), "calibrated": pa.bool_(), "alpha": pa.float64(), "seed": pa.int64(),
+    "procedure": pa.string(), "feature_calibration": pa.string(), "calibrated": pa.bool_(), "alpha": pa.float64(), "seed": pa.int64(),
     "error": pa.string(), "controls_fired": pa.string(), "n_unusable": pa.int64(),
 }
 #: Separating descriptors listed per control in results.json.
@@ -149,6 +149,7 @@ def build_entries(outcomes: list[dict], *, fdr_method: str, q: float) -> tuple[l
             "auc": _num(getattr(r, "auc", None)) if r is not None else None,
             "direction": r.direction if r is not None else None,
             "procedure": o.get("procedure"),
+            "feature_calibration": o.get("feature_calibration", "none"),
             "calibrated": bool(r.calibrated) if r is not None else None,
             "alpha": float(o["alpha"]),
             "seed": int(o["seed"]),

@@ -2,12 +2,14 @@
 
 Steps (each logged with its counts):
 
-1. **list** every audit's sources (threads; failures fail only their audits);
+1. **list** every audit's sources (threads; failures fail only their audits); shard sources are
+   indexed by a Ray Data pass, one task per shard (:mod:`cdi_ray.pipeline.shards`);
 2. **describe** each model used: fingerprint and preprocessing geometry (an ``s3://`` model in a
    Ray task, so it is fetched on a worker where the actors will find it, not on the head);
 3. **hash** every distinct image URI not in the store's hash index (Ray Data, CPU tasks);
-4. **plan**: per model and feature config, the content hashes the audits need minus those the
-   store holds (:mod:`cdi_ray.pipeline.plan`);
+4. **plan**: each image's conditioning under each model (class index / captions, and the store
+   key that records it: :mod:`cdi_ray.conditioning`); per model and feature config, the image
+   keys the audits need minus those the store holds (:mod:`cdi_ray.pipeline.plan`);
 5. **compute** per model: one Ray Data stream read → decode → ``FeatureActor`` pool → store
    (:mod:`cdi_ray.pipeline.actors`), each model with its own autoscaling actor pool; up to
    ``MAX_CONCURRENT_MODELS`` streams run at once (driver threads), so one model's start-up and
@@ -28,6 +30,7 @@ its memory grows with the number of URIs, not with pixels.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -39,7 +42,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from cdi_ray import storage
+from cdi_ray import console, storage
+from cdi_ray.conditioning import conditioning_for, read_label_map
 from cdi_ray.controls.descriptors import descriptor_key
 from cdi_ray.controls.model_free import control_seed
 from cdi_ray.controls.reference import REFERENCE_MODEL, reference_control
@@ -47,6 +51,7 @@ from cdi_ray.pipeline import plan as planning
 from cdi_ray.pipeline.actors import (DESCRIPTOR_PARTITION, FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT,
                                      decode_batch, describe_batch, describe_model, write_batch)
 from cdi_ray.pipeline.aggregate import AuditAggregator, AuditJob, AuditOutcome, ImageRef
+from cdi_ray.pipeline.shards import expand_shard_listings
 from cdi_ray.pipeline.results import (BatchResult, audit_document, build_entries, software_versions, summarize,
                                      write_reports, write_results)
 from cdi_ray.pipeline.store import FeatureStore
@@ -58,8 +63,11 @@ log = logging.getLogger(__name__)
 HASH_BATCH = 256
 #: Images per decoding task call: a batch of decoded 512×512×3 float32 images stays ~200 MB.
 DECODE_BATCH = 64
-#: Rows per feature-store part file (features are ~26 floats a row: 4096 rows ≈ 1 MB).
+#: Rows per feature-store part file at most (features are ~26 floats a row: 4096 rows ≈ 1 MB).
 WRITE_BATCH = 4096
+#: A stream publishes at least this many part files (unless tiny), so rows reach the store — and
+#: the progress bar — as they are computed: a killed driver loses at most 1/this of the work.
+MIN_WRITES_PER_STREAM = 20
 #: Rows per input block of the streams (more blocks → more parallel tasks).
 ROWS_PER_BLOCK = 256
 #: Model streams in flight at once: two overlap one model's start-up (actor launch, weight
@@ -97,10 +105,27 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    console.drop_ray_noise(local=not address)
+    quiet = console.progress_enabled() and console.verbose() < 1
+    level = logging.WARNING if quiet else logging.INFO
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=level)
     else:
-        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False,
+                 logging_level=level)
+    console.quiet_ray(local=not address)
+    _RAY["local"] = not address
+
+
+#: Whether ensure_ray started a local Ray (our progress bar) or joined a cluster (Ray Data's bars).
+_RAY = {"local": False}
+
+
+def local_progress(total: int, label: str) -> console.ProgressBar | None:
+    """A progress bar for a CLI run on a local Ray; None on a cluster or in library use."""
+    if total and _RAY["local"] and console.progress_enabled():
+        return console.ProgressBar(total, label)
+    return None
 
 
 _POOL: dict = {}
@@ -232,10 +257,35 @@ def hash_entries(entries: list[storage.FileEntry]) -> tuple[dict[str, str], dict
 # ----------------------------------------------------------------------------------------------
 # step 5: features
 # ----------------------------------------------------------------------------------------------
+def write_batch_size(rows: int) -> int:
+    """Rows per part file for a stream of ``rows``: ≥ MIN_WRITES_PER_STREAM files, 32 … WRITE_BATCH rows each."""
+    return int(min(WRITE_BATCH, max(32, rows // MIN_WRITES_PER_STREAM)))
+
+
+def stream_items(work: list[planning.ImageWork], describe, null_class: int | None, options: dict) -> tuple[list[dict], dict]:
+    """The stream's input rows (ordered by shard and position, :func:`_locality`) and the actors'
+    model-load options.
+
+    An image given the null class travels without a label, and the actors load the model with
+    ``missing_label="null"`` — the adapters' own way to the null class (an explicit index
+    ``num_classes`` is out of range for them). Labelled images are unaffected by that option, and
+    their store keys already say which label was used.
+    """
+    use_null = null_class is not None and any(w.label == null_class for w in work)
+    items = [{"uri": w.uri, "loc": w.loc, "content_hash": w.content_hash, "key": w.store_key,
+              "label": -1 if w.label is None or (use_null and w.label == null_class) else int(w.label),
+              "captions": json.dumps(list(w.captions)), "cfgs": ",".join(w.config_hashes),
+              "desc": w.content_hash in describe}
+             for w in sorted(work, key=_locality)]
+    return items, {**options, "missing_label": "null"} if use_null else dict(options)
+
+
 def compute_features(model_spec, info: dict, work: list[planning.ImageWork], configs: dict[str, dict],
                      columns: dict[str, list[str]], store_root: str, describe: set[str] | frozenset = frozenset(),
-                     descriptor_key: str | None = None) -> dict:
+                     descriptor_key: str | None = None, progress: console.ProgressBar | None = None) -> dict:
     """Run one model's stream over ``work``; returns counters (``computed`` = ok rows).
+
+    ``progress`` advances by one per image whose rows (one per feature config) came back.
 
     Images whose hash is in ``describe`` also get their model-free descriptors computed in the
     decode stage (they are decoded there anyway) and stored under ``descriptor_key``.
@@ -243,8 +293,7 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
     import ray
     from ray.data import ActorPoolStrategy
 
-    items = [{"uri": w.uri, "content_hash": w.content_hash, "cfgs": ",".join(w.config_hashes),
-              "desc": w.content_hash in describe} for w in work]
+    items, load_options = stream_items(work, describe, info.get("null_class"), model_spec.options)
     needed_cfgs = sorted({k for w in work for k in w.config_hashes})
     ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
     # read, check, decode, preprocess: CPU tasks
@@ -266,18 +315,23 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
             "configs": {k: configs[k] for k in needed_cfgs},
             "device": model_spec.resolved_device,
             "dtype": model_spec.dtype,
-            "load_options": dict(model_spec.options),
+            "load_options": load_options,
             "max_batch_mb": model_spec.max_batch_mb,
         },
     )
     # publish: CPU tasks, one atomic part file per batch and config
-    ds = ds.map_batches(write_batch, batch_size=WRITE_BATCH, batch_format="pyarrow",
+    ds = ds.map_batches(write_batch, batch_size=write_batch_size(len(items) * max(1, len(needed_cfgs))),
+                        batch_format="pyarrow",
                         fn_kwargs={"store_root": store_root, "fingerprint": info["fingerprint"],
                                    "columns": {k: columns[k] for k in needed_cfgs}})
     counts = {"rows": 0, "computed": 0, "errors": 0, "transient": 0, "actors": set()}
     transient: dict[str, str] = {}
-    for batch in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+    rows_per_image = {w.store_key: len(w.config_hashes) for w in work}
+    # small summary batches: the rows are tiny, and the progress bar moves with each one
+    for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
         status = batch.column("status").to_pylist()
+        if progress is not None:
+            progress.advance(sum(1 / rows_per_image.get(h, 1) for h in batch.column("content_hash").to_pylist()))
         counts["rows"] += len(status)
         counts["computed"] += status.count(STATUS_OK)
         counts["errors"] += status.count(STATUS_ERROR)
@@ -288,16 +342,18 @@ def compute_features(model_spec, info: dict, work: list[planning.ImageWork], con
                 transient[h] = e
     counts["actors"] = sorted(counts["actors"])
     counts["transient_errors"] = transient
+    if progress is not None:
+        progress.close()
     return counts
 
 
-def compute_descriptors(todo: list[tuple[str, str]], size: int, channels: int, key: str, store_root: str) -> dict:
-    """Descriptor-only stream (CPU tasks) for ``(uri, content hash)`` pairs no feature stream decoded."""
+def compute_descriptors(todo: list[tuple[str, str, str]], size: int, channels: int, key: str, store_root: str) -> dict:
+    """Descriptor-only stream (CPU tasks) for ``(uri, content hash, locator)`` no feature stream decoded."""
     import ray
 
     if not todo:
         return {"rows": 0, "computed": 0, "errors": 0, "transient": 0}
-    items = [{"uri": u, "content_hash": h} for u, h in todo]
+    items = [{"uri": u, "content_hash": h, "loc": loc} for u, h, loc in todo]
     ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
     ds = ds.map_batches(describe_batch, batch_size=DECODE_BATCH, batch_format="numpy",
                         fn_kwargs={"size": size, "channels": channels, "store_root": store_root, "key": key})
@@ -311,13 +367,39 @@ def compute_descriptors(todo: list[tuple[str, str]], size: int, channels: int, k
     return counts
 
 
-def _refs(files, uri_hash: dict[str, str], read_errors: dict[str, str], transient: dict[str, str]) -> tuple[ImageRef, ...]:
-    """An audit's images as (uri, hash, why it may be missing)."""
+def _locality(w: planning.ImageWork) -> tuple:
+    """Stream order: members of one shard together, by position (a decode batch then reads
+    neighbouring tar members with one ranged read and Parquet rows by row group)."""
+    if not w.loc:
+        return (w.uri, ())
+    parts = w.loc.split(":")
+    return (w.uri.rsplit("#", 1)[0], tuple(int(p) if p.isdigit() else 0 for p in parts[1:3]))
+
+
+def _refs(files, uri_hash: dict[str, str], read_errors: dict[str, str], transient: dict[str, str],
+          cond: dict | None = None) -> tuple[ImageRef, ...]:
+    """An audit's images as (uri, hash, why it may be missing, store key under the audit's model)."""
     out = []
     for e in files:
         h = uri_hash.get(e.uri)
-        out.append(ImageRef(e.uri, h, read_errors.get(e.uri, "unreadable") if h is None else transient.get(h)))
+        key = cond[e.uri].key if cond and e.uri in cond else h
+        out.append(ImageRef(e.uri, h, read_errors.get(e.uri, "unreadable") if h is None else transient.get(key), key))
     return tuple(out)
+
+
+def audit_conditioning(manifest: Manifest, audit, model: str, info: dict, listing, uri_hash: dict[str, str]):
+    """``(uri → Conditioning, report dict)`` of an audit's images under ``model`` (its own or its reference).
+
+    Raises:
+        ValueError: labels the model cannot use (see :func:`cdi_ray.conditioning.conditioning_for`).
+    """
+    spec = manifest.models[model]
+    missing = audit.labels.missing or ("null" if spec.options.get("missing_label") == "null" else "error")
+    label_map = read_label_map(audit.labels.map) if info.get("conditioning_kind") == "class" else {}
+    source = audit.labels.map if isinstance(audit.labels.map, str) else ("inline" if audit.labels.map else None)
+    cond, report = conditioning_for((*listing.published, *listing.unpublished), uri_hash, info,
+                                    label_map=label_map, missing=missing, map_source=source)
+    return cond, report.to_dict()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +442,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     # 1. list
     t0 = time.time()
     listings = planning.expand_sources(manifest.audits)
+    shard_counts = expand_shard_listings(listings, store_root)
     for aid, li in listings.items():
         if li.error:
             failures[aid] = li.error
@@ -384,7 +467,9 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     known, todo = planning.split_cached(distinct, index)
     hashed, read_errors, index_rows = hash_entries(todo)
     for e in distinct:
-        if e.size < 0:
+        if e.error:
+            read_errors[e.uri] = e.error
+        elif e.size < 0:
             read_errors[e.uri] = "missing: the file does not exist"
     store.add_hashes(index_rows)
     uri_hash = {**known, **hashed}
@@ -399,6 +484,23 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     audit_key: dict[str, str] = {}
     ref_key: dict[str, str] = {}  # audit id → store key of its features under its reference model
     needs: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    conds: dict[tuple[str, str], dict] = {}  # (audit id, model) → uri → Conditioning
+    conditioning: dict[str, dict] = {}  # audit id → how its images were conditioned (provenance)
+    representative: dict[str, planning.ImageWork] = {}  # image key → the first URI in URI order with it
+    locs = {e.uri: e.loc for e in distinct}
+
+    def plan_images(a, model: str) -> set[str]:
+        li = listings[a.id]
+        cond, report = audit_conditioning(manifest, a, model, infos[model], li, uri_hash)
+        conds[(a.id, model)] = cond
+        conditioning.setdefault(a.id, report)
+        for uri, c in cond.items():
+            w = representative.get(c.key)
+            if w is None or uri < w.uri:
+                representative[c.key] = planning.ImageWork(uri, uri_hash[uri], key=c.key, loc=locs.get(uri, ""),
+                                                           label=c.label, captions=c.captions)
+        return {c.key for c in cond.values()}
+
     for a in manifest.audits:
         if a.id in failures:
             continue
@@ -408,27 +510,32 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         except Exception as exc:  # noqa: BLE001
             failures[a.id] = f"invalid feature config: {exc}"
             continue
+        try:
+            keys = plan_images(a, a.model)
+        except (OSError, ValueError) as exc:  # labels the model cannot use: this audit fails alone
+            failures[a.id] = f"labels: {exc}"
+            continue
         configs[key] = cfg.model_dump(mode="json", exclude={"device"})
         columns[key] = list(cfg.columns)
         audit_key[a.id] = key
-        li = listings[a.id]
-        needs[a.model][key] |= {uri_hash[e.uri] for e in (*li.published, *li.unpublished) if e.uri in uri_hash}
+        needs[a.model][key] |= keys
         # the reference-model control: the same images and features under the reference model
         ref = manifest.controls_of(a).reference_model
         if ref and ref not in model_errors:
             try:
                 cfg_r = planning.feature_config(manifest, a, ref)
                 key_r = planning.store_key(cfg_r, manifest.models[ref])
+                keys_r = plan_images(a, ref)
             except Exception as exc:  # noqa: BLE001 — the control then cannot run, so it fires
                 model_errors.setdefault(f"{a.id}@reference", f"invalid feature config for reference {ref!r}: {exc}")
                 continue
             configs[key_r] = cfg_r.model_dump(mode="json", exclude={"device"})
             columns[key_r] = list(cfg_r.columns)
             ref_key[a.id] = key_r
-            needs[ref][key_r] |= {uri_hash[e.uri] for e in (*li.published, *li.unpublished) if e.uri in uri_hash}
-    representative: dict[str, str] = {}
+            needs[ref][key_r] |= keys_r
+    where: dict[str, tuple[str, str]] = {}  # content hash → (first URI with it, its locator)
     for uri in sorted(uri_hash):
-        representative.setdefault(uri_hash[uri], uri)
+        where.setdefault(uri_hash[uri], (uri, locs.get(uri, "")))
     fingerprints = {name: infos[name]["fingerprint"] for name in needs}
     stored = {(fingerprints[name], key): store.keys(fingerprints[name], key) for name in needs for key in needs[name]}
     work = planning.plan_work(needs, representative, stored, fingerprints)
@@ -466,7 +573,8 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         log.info("model %s: computing %d images", name, len(work[name]))
         dk = descriptor_key(int(infos[name]["image_size"]), int(infos[name]["image_channels"]))
         return compute_features(manifest.models[name], infos[name], work[name], configs, columns, store_root,
-                                describe=describe_in_stream.get(name, set()), descriptor_key=dk)
+                                describe=describe_in_stream.get(name, set()), descriptor_key=dk,
+                                progress=local_progress(len(work[name]), f"features {name}"))
 
     with ThreadPoolExecutor(max(1, min(max_concurrent_models, len(work)))) as pool:
         futures = {name: pool.submit(one_model, name) for name in sorted(work)}
@@ -496,7 +604,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             continue
         have = store.keys(DESCRIPTOR_PARTITION, dk)
         desc_counts["in_feature_streams"] += len(desc_missing[dk] & have)
-        todo = sorted((representative[h], h) for h in desc_missing[dk] - have)
+        todo = sorted((where[h][0], h, where[h][1]) for h in desc_missing[dk] - have)
         try:
             got = compute_descriptors(todo, *desc_geometry[dk], dk, store_root)
         except Exception as exc:  # noqa: BLE001 — the controls of these images then count as fired
@@ -518,15 +626,34 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         li = listings[a.id]
         ctl = manifest.controls_of(a)
         controls = {"model_free": {"alpha": ctl.alpha}} if ctl.model_free else {}
-        job = AuditJob(a.id, _refs(li.published, uri_hash, read_errors, transient),
-                       _refs(li.unpublished, uri_hash, read_errors, transient),
-                       a.test.procedure, a.test.alpha, a.seed, test_options(a.test, cap),
-                       controls=controls, descriptor_key=desc_key_of.get(a.id))
+        cond = conds.get((a.id, a.model))
+        calibration = None
+        if a.calibration == "reference":
+            if a.id not in ref_key:
+                ref = ctl.reference_model
+                outcomes[a.id] = AuditOutcome(a.id, "failed", error="reference calibration impossible: " + (
+                    model_errors.get(ref) or model_errors.get(a.id + REFERENCE_SUFFIX) or "no reference features"))
+                continue
+            calibration = (fingerprints[ctl.reference_model], ref_key[a.id])
+        published = _refs(li.published, uri_hash, read_errors, transient, cond)
+        unpublished = _refs(li.unpublished, uri_hash, read_errors, transient, cond)
+        calibration_keys: tuple = ()
+        if calibration:  # pair each image's rows across the two models by their own store keys
+            cond_r = conds.get((a.id, ctl.reference_model))
+            theirs = (*_refs(li.published, uri_hash, read_errors, transient, cond_r),
+                      *_refs(li.unpublished, uri_hash, read_errors, transient, cond_r))
+            calibration_keys = tuple((t.store_key, r.store_key) for t, r in zip((*published, *unpublished), theirs)
+                                     if t.content_hash and t.store_key != r.store_key)
+        job = AuditJob(a.id, published, unpublished, a.test.procedure, a.test.alpha, a.seed, test_options(a.test, cap),
+                       controls=controls, descriptor_key=desc_key_of.get(a.id), calibration=calibration,
+                       calibration_keys=calibration_keys)
         groups[(fingerprints[a.model], audit_key[a.id])].append(job)
         if a.id in ref_key:  # the reference-model control's re-run: a shadow audit, not FDR-counted
             ref = ctl.reference_model
+            cond_r = conds.get((a.id, ref))
             groups[(fingerprints[ref], ref_key[a.id])].append(
-                AuditJob(a.id + REFERENCE_SUFFIX, job.published, job.unpublished, a.test.procedure, a.test.alpha,
+                AuditJob(a.id + REFERENCE_SUFFIX, _refs(li.published, uri_hash, read_errors, transient, cond_r),
+                         _refs(li.unpublished, uri_hash, read_errors, transient, cond_r), a.test.procedure, a.test.alpha,
                          control_seed(a.seed, REFERENCE_MODEL), dict(a.test.options)))
     if groups:
         n_audits = sum(len(j) for j in groups.values())
@@ -568,6 +695,8 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             "status": o.status, "result": o.result, "error": o.error, "controls": o.controls,
             "n_published": o.n_published, "n_unpublished": o.n_unpublished, "unusable": o.unusable,
             "alpha": a.test.alpha, "seed": a.seed, "procedure": a.test.procedure, "min_samples": a.test.min_samples,
+            "feature_calibration": ("reference:" + manifest.controls_of(a).reference_model
+                                    if a.calibration == "reference" else "none"),
         })
     entries, fdr = build_entries(rows, fdr_method=manifest.fdr.method, q=manifest.fdr.q)
     run = {
@@ -580,7 +709,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         "seconds": round(time.time() - t_start, 3),
         "timings": timings,
         "images": {"listed": len(distinct), "hashed": len(hashed), "hash_index_hits": len(known),
-                   "unreadable": len(read_errors)},
+                   "unreadable": len(read_errors), "shards": shard_counts},
         "features": {
             "needed": needed_total,
             "to_compute": sum(len(w.config_hashes) for ws in work.values() for w in ws),
@@ -600,7 +729,8 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
             software = software_versions()
             docs = [audit_document(e, fdr=fdr, report=(outcomes.get(a.id).report if outcomes.get(a.id) else None),
                                    provenance=_provenance(manifest, a, e, configs.get(audit_key.get(a.id, "")),
-                                                          infos.get(a.model), run, software))
+                                                          infos.get(a.model), run, software,
+                                                          conditioning.get(a.id)))
                     for a, e in zip(manifest.audits, entries)]
             write_reports(output, batch.to_dict(), docs)
         except Exception as exc:  # noqa: BLE001
@@ -610,7 +740,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
 
 
 def _provenance(manifest: Manifest, audit, entry: dict, feature_config: dict | None, info: dict | None,
-                run: dict, software: dict) -> dict:
+                run: dict, software: dict, conditioning: dict | None = None) -> dict:
     """What a third party needs to re-run one audit: the manifest entry as validated, the model,
     the feature config, seed, the batch settings, software versions and the run's timings."""
     model = manifest.models[audit.model]
@@ -624,6 +754,7 @@ def _provenance(manifest: Manifest, audit, entry: dict, feature_config: dict | N
         "feature_key": entry.get("feature_key"),
         "feature_config": feature_config,
         "seed": audit.seed,
+        "conditioning": conditioning,
         "controls": manifest.controls_of(audit).model_dump(mode="json"),
         "fdr": manifest.fdr.model_dump(mode="json"),
         "software": software,
