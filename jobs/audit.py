@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(8, cores))")
     p.add_argument("--rehash", action="store_true", help="ignore the URI→hash cache and re-read every image")
+    p.add_argument("--output-root", help="folder or s3:// prefix every output location must lie under "
+                                         "(default: $CDI_RAY_OUTPUT_ROOT; unset: no confinement)")
     p.add_argument("--smoke-test", action="store_true", help="run a tiny self-contained audit on CPU and exit")
     p.add_argument("-v", "--verbose", action="count", default=1, help="more log detail")
     args = p.parse_args(argv)
@@ -77,13 +79,17 @@ def smoke_manifest(workdir: str) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     from cdi_ray.pipeline.run import ensure_ray, run_manifest
-    from cdi_ray.spec import ManifestError, load_manifest
+    from cdi_ray.spec import ManifestError, load_manifest, location_problems, output_root
 
     path = args.manifest or smoke_manifest(tempfile.mkdtemp(prefix="cdi-ray-smoke-"))
+    root = output_root(getattr(args, "output_root", None))
     try:
-        manifest = load_manifest(path)
+        manifest = load_manifest(path, root=root)
     except ManifestError as exc:
         return {"exit_code": EXIT_INVALID, "error": str(exc)}
+    outside = location_problems({"--out": args.out, "--feature-store": args.feature_store}, root)
+    if outside:
+        return {"exit_code": EXIT_INVALID, "error": "; ".join(outside)}
     ensure_ray(args.address, num_cpus=args.num_cpus)
     batch = run_manifest(manifest, args.out, feature_store=args.feature_store, rehash=args.rehash)
     return {"exit_code": batch.exit_code, "output": batch.output, "summary": batch.summary,

@@ -220,3 +220,17 @@ def test_manifests_cannot_carry_credentials():
     assert all("wJalrXUtnFEMI" not in s for s in p)  # the refusal does not echo the secret
     with pytest.raises(ManifestError, match="credentials: unknown key"):
         parse_manifest(small("s3://o/x", credentials={"key": "x"}))
+
+
+def test_job_script_refuses_outputs_outside_the_root(tmp_path):
+    """jobs/audit.py (what `ray job submit` runs) applies the same root, before Ray starts."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(small("out")))
+    script = os.path.join(os.path.dirname(__file__), "..", "jobs", "audit.py")
+    proc = subprocess.run([sys.executable, script, str(path), "--out", "/etc/cdi"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, OUTPUT_ROOT_ENV: str(tmp_path)})
+    assert proc.returncode == EXIT_INVALID, proc.stderr
+    assert "--out: '/etc/cdi' is outside the configured output root" in proc.stderr + proc.stdout
