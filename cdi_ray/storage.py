@@ -173,7 +173,7 @@ def _s3_errors(uri: str):
             raise FileNotFoundError(f"{uri} does not exist") from None
         if code in _DENIED:
             raise PermissionError(f"{uri}: access denied ({code}) — grant the environment's credentials "
-                                  "s3:GetObject / s3:ListBucket on it") from None
+                                  "s3:GetObject / s3:ListBucket on it (s3:PutObject to write there)") from None
         raise StorageError(f"{uri}: S3 error {code or type(exc).__name__} after retries — {exc}") from None
     except BotoCoreError as exc:  # connection refused/reset, timeouts (after retries), checksum mismatch
         raise StorageError(f"{uri}: S3 request failed after retries — {type(exc).__name__}: {exc}") from None
