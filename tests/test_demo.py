@@ -44,5 +44,22 @@ def test_demo_collections_are_deterministic_and_disjoint(tmp_path):
         assert hashes(a[name]) == hashes(b[name]), name
         assert len(hashes(a[name])) == N
     # P of the held-out audit and U share no image; members and held-out share none
-    assert not set(hashes(a["heldout-a"])) & set(hashes(a["heldout-b"]))
-    assert not set(hashes(a["members-easy"])) & set(hashes(a["heldout-a"]))
+    assert not set(hashes(a["heldout-u-easy"])) & set(hashes(a["heldout-p-easy"]))
+    assert not set(hashes(a["members-easy"])) & set(hashes(a["heldout-u-easy"]))
+
+
+def test_default_sizes_fit_the_bundle_and_keep_each_models_sets_apart(tmp_path):
+    from cdi_ray.demo.audit import DEMO_SIZES
+
+    folders = materialise(tmp_path, models=("easy", "hard"))
+
+    def hashes(name):
+        return {content_hash(p.read_bytes()) for p in folders[name].iterdir()}
+
+    for m, z in DEMO_SIZES.items():
+        sets = {k: hashes(f"{k}-{m}") for k in ("members", "mix50", "heldout-u", "heldout-p")}
+        assert [len(sets[k]) for k in ("members", "mix50", "heldout-u", "heldout-p")] == \
+               [z.members, z.mix50, z.unpublished, z.heldout]
+        for a, b in (("members", "mix50"), ("members", "heldout-u"), ("mix50", "heldout-u"), ("heldout-p", "heldout-u"),
+                     ("mix50", "heldout-p")):
+            assert not sets[a] & sets[b], (m, a, b)

@@ -6,14 +6,21 @@
 3. run it through the same pipeline a cluster runs (`cdi_ray.pipeline.run.run_manifest`, a local Ray);
 4. print a verdict table next to the expected verdicts, and write ``results.json`` and reports.
 
-The collections (``n`` images each; held-out sets come from the pool neither model saw):
+The collections, per model ``<m>`` (held-out images come from the pool neither model saw):
 
-==================  =========================================================
-``members-<m>``     ``n`` training images of model ``<m>``
-``mix50-<m>``       ``n/2`` other training images of ``<m>`` + ``n/2`` held-out images
-``heldout-a``       held-out images — the U set of every audit (shared: computed once per model)
-``heldout-b``       other held-out images — a P that no model saw
-==================  =========================================================
+====================  ==================================================================
+``members-<m>``       training images of ``<m>``
+``mix50-<m>``         other training images of ``<m>`` + as many held-out images
+``heldout-u-<m>``     held-out images — the U set of ``<m>``'s audits
+``heldout-p-<m>``     other held-out images — a P that no model saw
+====================  ==================================================================
+
+Sizes differ per model because the models differ in how much evidence they leave
+(:data:`DEMO_SIZES`, from the reference measurements in docs/DEMO_DATA.md): the ``hard`` model,
+like the paper's large models, needs hundreds of images per side, and ~1,000 when only half of P
+was trained on. U sets and the held-out P of both models are prefixes of one permutation of the
+held-out pool (a model's features are computed per model anyway), so the whole demo fits in the
+bundle's 2,500 held-out images.
 """
 from __future__ import annotations
 
@@ -27,9 +34,30 @@ import yaml
 
 from cdi_ray.demo.bundle import DEMO_MODELS, demo_model_dir, load_bundle, load_split
 
-#: Images per collection. Enough for both demo models to show `used` on members (the hard model
-#: is the bottleneck, see docs/DEMO_DATA.md), small enough for a few minutes on 2 CPU cores.
-DEFAULT_N = 200
+#: Forward passes only: ~2.7× cheaper than white-box on the demo models and, there, at least as
+#: decisive (docs/DEMO_DATA.md: gradient features add little at these sizes).
+DEFAULT_PRESET = "gray-box"
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """Images per collection of one demo model's audits."""
+
+    members: int      # P of the members audit
+    mix50: int        # P of the 50 % audit (half members, half held-out)
+    unpublished: int  # U of every audit of this model
+    heldout: int      # P of the held-out audit
+
+
+#: Gray-box features (the demo's default preset), mean p over 10 random audits
+#: (docs/DEMO_DATA.md): easy — members separate at n ≈ 20; hard — members at n = 400 (mean p
+#: 0.001), 50 % members at n = 1,000 (mean p 0.004). Easy's sizes stay at 200 to keep the run short.
+DEMO_SIZES = {"easy": DemoSizes(200, 200, 200, 200), "hard": DemoSizes(400, 1000, 1000, 400)}
+
+
+def sizes_for(model: str, n: int | None) -> DemoSizes:
+    """The model's default sizes, or ``n`` for every collection."""
+    return DEMO_SIZES[model] if n is None else DemoSizes(n, n, n, n)
 
 
 @dataclass(frozen=True)
@@ -46,9 +74,9 @@ def demo_audits(models=DEMO_MODELS) -> list[DemoAudit]:
     audits = []
     for m in models:
         audits += [
-            DemoAudit(f"{m}-members", m, f"members-{m}", "heldout-a", "used", "training images vs held-out"),
-            DemoAudit(f"{m}-mix50", m, f"mix50-{m}", "heldout-a", "used", "50% training images vs held-out"),
-            DemoAudit(f"{m}-heldout", m, "heldout-b", "heldout-a", "not_detected", "held-out vs held-out"),
+            DemoAudit(f"{m}-members", m, f"members-{m}", f"heldout-u-{m}", "used", "training images vs held-out"),
+            DemoAudit(f"{m}-mix50", m, f"mix50-{m}", f"heldout-u-{m}", "used", "50% training images vs held-out"),
+            DemoAudit(f"{m}-heldout", m, f"heldout-p-{m}", f"heldout-u-{m}", "not_detected", "held-out vs held-out"),
         ]
     return audits
 
@@ -62,25 +90,39 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def materialise(root: Path, *, n: int, seed: int = 0, models=DEMO_MODELS) -> dict[str, Path]:
-    """Write the demo collections under ``root`` as PNG files; return collection → folder."""
+def materialise(root: Path, *, n: int | None = None, seed: int = 0, models=DEMO_MODELS) -> dict[str, Path]:
+    """Write the demo collections under ``root`` as PNG files; return collection → folder.
+
+    Held-out layout (one permutation of the pool): ``[0, U)`` the U sets (each model's a prefix),
+    then the held-out P sets (prefixes of the next block), then each model's held-out half of mix50.
+    """
     bundle = load_bundle()
     rng = np.random.default_rng(seed)
     heldout = rng.permutation(load_split(models[0])["heldout"])
     for m in models[1:]:
         heldout = heldout[np.isin(heldout, load_split(m)["heldout"])]
-    need = 2 * n + (n // 2) * len(models)
+    sizes = {m: sizes_for(m, n) for m in models}
+    u_block = max(z.unpublished for z in sizes.values())
+    p_block = max(z.heldout for z in sizes.values())
+    mix_held = [z.mix50 - z.mix50 // 2 for z in sizes.values()]
+    need = u_block + p_block + sum(mix_held)
     if len(heldout) < need:
-        raise ValueError(f"--n {n} needs {need} held-out images, the bundle has {len(heldout)}; lower --n")
-    picks = {"heldout-a": heldout[:n], "heldout-b": heldout[n:2 * n]}
-    spare = heldout[2 * n:]
-    for i, m in enumerate(models):
+        raise ValueError(f"these sizes need {need} held-out images, the bundle has {len(heldout)}; lower --n")
+    picks: dict[str, np.ndarray] = {}
+    spare = u_block + p_block
+    for m in models:
+        z = sizes[m]
         members = rng.permutation(load_split(m)["members"])
-        half = n // 2
-        if len(members) < n + half:
-            raise ValueError(f"--n {n} needs {n + half} members of model {m!r}, it has {len(members)}; lower --n")
-        picks[f"members-{m}"] = members[:n]
-        picks[f"mix50-{m}"] = np.concatenate([members[n:n + half], spare[i * (n - half):(i + 1) * (n - half)]])
+        half = z.mix50 // 2
+        if len(members) < z.members + half:
+            raise ValueError(f"these sizes need {z.members + half} members of model {m!r}, it has {len(members)}; "
+                             f"lower --n")
+        picks[f"heldout-u-{m}"] = heldout[:z.unpublished]
+        picks[f"heldout-p-{m}"] = heldout[u_block:u_block + z.heldout]
+        picks[f"members-{m}"] = members[:z.members]
+        picks[f"mix50-{m}"] = np.concatenate([members[z.members:z.members + half],
+                                              heldout[spare:spare + z.mix50 - half]])
+        spare += z.mix50 - half
     folders = {}
     for name, idx in picks.items():
         folder = root / name
@@ -91,7 +133,7 @@ def materialise(root: Path, *, n: int, seed: int = 0, models=DEMO_MODELS) -> dic
     return folders
 
 
-def write_manifest(path: Path, *, collections: Path, output: Path, models=DEMO_MODELS, preset: str = "white-box",
+def write_manifest(path: Path, *, collections: Path, output: Path, models=DEMO_MODELS, preset: str = DEFAULT_PRESET,
                    seed: int = 0) -> Path:
     manifest = {
         "models": {m: {"uri": str(demo_model_dir(m)), "access": "white-box", "batch_size": 64,
@@ -121,7 +163,7 @@ def verdict_table(entries: list[dict], audits: list[DemoAudit]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | os.PathLike = "demo-out", *, n: int = DEFAULT_N, preset: str = "white-box", seed: int = 0,
+def run_demo(out: str | os.PathLike = "demo-out", *, n: int | None = None, preset: str = DEFAULT_PRESET, seed: int = 0,
              models=DEMO_MODELS) -> dict:
     """Materialise, audit, and return ``{"table", "results", "output", "all_expected"}``."""
     from cdi_ray.pipeline.run import run_manifest
