@@ -11,7 +11,6 @@ Library calls (tests, notebooks) see neither bar nor changed log levels unless
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -51,8 +50,9 @@ def progress_enabled() -> bool:
 def drop_ray_noise(local: bool) -> None:
     """Before ``ray.init`` (Ray imported): filter Ray's non-actionable warnings out of a quiet CLI run.
 
-    On a local Ray the C++ core's stderr lines (e.g. an ``E … core_worker.cc`` notice that actor
-    constructor arguments live in the object store) are raised to fatal-only too; ``-v`` keeps them.
+    Only Python log records can be filtered; the C++ core's own stderr lines (e.g. an
+    ``E … core_worker.cc`` notice that actor constructor arguments live in the object store) stay —
+    raising ``RAY_BACKEND_LOG_LEVEL`` would hide them but makes every process announce the change.
     """
     if not (_STATE["configured"] and _STATE["verbose"] < 1):
         return
@@ -60,8 +60,6 @@ def drop_ray_noise(local: bool) -> None:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _DropRayNoise) for f in handler.filters):
                 handler.addFilter(_DropRayNoise())
-    if local:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
 
 
 def quiet_ray(local: bool) -> None:
