@@ -268,7 +268,7 @@ def main(args) -> dict:
 def _print(s, alphas):
     print(f"# {s['command']}  ({s['date_utc']}, {s['host']['cpus']} CPUs)\n")
     print("## Calibration: null rejection rate [95% CI] per procedure × n × k × α")
-    print(f"| procedure | n | k | audits | α | rate | 95% CI | ≤ α within CI | mean p |")
+    print("| procedure | n | k | audits | α | rate | 95% CI | ≤ α within CI | mean p |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in s["calibration"]:
         print(f"| {r['procedure']} | {r['n']} | {r['k']} | {r['audits']} | {r['alpha']} | {r['rate']:.4f} | "

@@ -229,8 +229,6 @@ def test_labels_reach_the_adapter_through_the_feature_actor(tiny_pixel_class_dir
 def test_the_null_class_reaches_the_model_through_its_own_option(tiny_dit_dir):
     """An image given the null class travels without a label and the actor loads the model with
     missing_label="null" (DiT's null index is outside its [0, num_classes)); labelled rows keep theirs."""
-    import torch
-
     from cdi_ray.models import load_model
     from cdi_ray.models.base import ImageMeta
     from cdi_ray.pipeline.actors import image_metas

@@ -43,7 +43,6 @@ class GradientMaskingConfig(FeatureParams):
 
 def top_mask(g: torch.Tensor, fraction: float) -> torch.Tensor:
     """Boolean mask (B, C, H, W) of the k = int(C·H·W·fraction) largest |g| per image."""
-    B = g.shape[0]
     flat = g.abs().flatten(1)
     k = int(flat.shape[1] * fraction)
     if k < 1:

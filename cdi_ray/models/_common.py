@@ -32,6 +32,16 @@ def load_error(path: str | Path, problem: str, fix: str) -> ModelLoadError:
     return ModelLoadError(f"cannot load model '{path}': {problem}. Fix: {fix}")
 
 
+def construct(cls, root: str | Path, *args, **kwargs):
+    """``cls(*args, **kwargs)``; a constructor's ValueError (a bad load option) becomes a ModelLoadError naming ``root``."""
+    try:
+        return cls(*args, **kwargs)
+    except ModelLoadError:
+        raise
+    except ValueError as exc:
+        raise load_error(root, str(exc), "change the load options, or use a model this adapter supports") from None
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import _common as C
-from .base import DiffusionModel, ImageMeta, ModelLoadError
+from .base import DiffusionModel, ImageMeta
 from .fingerprint import model_fingerprint
 
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -106,14 +106,9 @@ class DiT(DiffusionModel):
         C.check_out_channels(transformer.config.out_channels or transformer.config.in_channels,
                              transformer.config.in_channels, "transformer", root)
         id2label = (C.read_json(root / "model_index.json") or {}).get("id2label")
-        try:
-            return cls(transformer, vae, scheduler, device=device, dtype=dtype,
-                       id2label=id2label if isinstance(id2label, dict) else None,
-                       fingerprint=model_fingerprint(root), source=str(root), **options)
-        except ModelLoadError:
-            raise
-        except ValueError as exc:
-            raise C.load_error(root, str(exc), "change the load options, or use a model this adapter supports") from None
+        return C.construct(cls, root, transformer, vae, scheduler, device=device, dtype=dtype,
+                           id2label=id2label if isinstance(id2label, dict) else None,
+                           fingerprint=model_fingerprint(root), source=str(root), **options)
 
     # -- the interface -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import _common as C
-from .base import DiffusionModel, ImageMeta, ModelLoadError
+from .base import DiffusionModel, ImageMeta
 from .fingerprint import model_fingerprint
 
 
@@ -85,13 +85,8 @@ class PixelDDPM(DiffusionModel):
         scheduler = C.load_scheduler(root, layout=cls.layout)
         unet = C.load_component(UNet2DModel, root, "unet", dtype=dtype, layout=cls.layout)
         C.check_out_channels(unet.config.out_channels, unet.config.in_channels, "unet", root)
-        try:
-            return cls(unet, scheduler, device=device, dtype=dtype, fingerprint=model_fingerprint(root),
-                       source=str(root), **options)
-        except ModelLoadError:
-            raise
-        except ValueError as exc:
-            raise C.load_error(root, str(exc), "change the load options, or use a model this adapter supports") from None
+        return C.construct(cls, root, unet, scheduler, device=device, dtype=dtype,
+                           fingerprint=model_fingerprint(root), source=str(root), **options)
 
     # -- the interface -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:

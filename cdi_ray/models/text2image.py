@@ -35,7 +35,7 @@ import torch
 
 from . import _common as C
 from . import text as T
-from .base import DiffusionModel, ImageMeta, ModelLoadError
+from .base import DiffusionModel, ImageMeta
 from .fingerprint import model_fingerprint
 
 UNSUPPORTED_UNET = {
@@ -126,13 +126,8 @@ class TextToImage(DiffusionModel):
         device = torch.device(device)
         text_encoder = T.load_text_encoder(root, device=device, dtype=dtype, out_dtype=dtype,
                                            cache_size=caption_cache_size, layout=cls.layout)
-        try:
-            return cls(unet, vae, text_encoder, scheduler, device=device, dtype=dtype, missing_caption=missing_caption,
-                       fingerprint=model_fingerprint(root), source=str(root), **options)
-        except ModelLoadError:
-            raise
-        except ValueError as exc:
-            raise C.load_error(root, str(exc), "change the load options, or use a model this adapter supports") from None
+        return C.construct(cls, root, unet, vae, text_encoder, scheduler, device=device, dtype=dtype,
+                           missing_caption=missing_caption, fingerprint=model_fingerprint(root), source=str(root), **options)
 
     # -- the interface -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:

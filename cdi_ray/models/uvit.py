@@ -49,7 +49,7 @@ import torch
 
 from . import _common as C
 from . import text as T
-from .base import DiffusionModel, ImageMeta, ModelLoadError
+from .base import DiffusionModel, ImageMeta
 from .fingerprint import model_fingerprint
 from .uvit_net import UViTConfig, UViTNet
 
@@ -212,13 +212,8 @@ class UViT(DiffusionModel):
         if config.text:
             text_encoder = T.load_text_encoder(root, device=device, dtype=dtype, out_dtype=dtype,
                                                cache_size=caption_cache_size, layout=cls.layout)
-        try:
-            return cls(net, vae, text_encoder, device=device, dtype=dtype, null_class=extras.get("null_class", "last"),
-                       fingerprint=model_fingerprint(root), source=str(root), **options)
-        except ModelLoadError:
-            raise
-        except ValueError as exc:
-            raise C.load_error(root, str(exc), "change the load options, or use a model this adapter supports") from None
+        return C.construct(cls, root, net, vae, text_encoder, device=device, dtype=dtype,
+                           null_class=extras.get("null_class", "last"), fingerprint=model_fingerprint(root), source=str(root), **options)
 
     # -- the interface -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
