@@ -44,6 +44,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -113,14 +114,12 @@ class Bench:
     model: object
     model_uri: str | None      # a directory the pipeline can load (None: in-memory only, no e2e)
     name: str
-    images: callable            # n → (float32 (n, C, H, W) in [-1, 1], labels or None)
+    images: Callable[[int], tuple[np.ndarray, list[int] | None]]  # n → images in [-1, 1], labels
     device: str
     autocast: str | None
 
 
 def load_bench(args, workdir: Path) -> Bench:
-    import torch
-
     from cdi_ray.models.loader import load_model
 
     if args.model == "dit-xl":
@@ -185,10 +184,6 @@ def _metas(n: int, labels, offset: int = 0):
 
     return [ImageMeta(content_hash=f"{offset + i:064x}", label=None if labels is None else int(labels[i]))
             for i in range(n)]
-
-
-def _f(model):
-    return getattr(model, "unet", None) or model.transformer
 
 
 def _sync(device: str) -> None:
@@ -269,7 +264,7 @@ def section_floor(bench: Bench, args, state: dict) -> list[Row]:
 # ==================================================================================================
 # 2.–3. passes and the method layer
 # ==================================================================================================
-def _feature_config(preset: str, bench: Bench, batch: int):
+def _feature_config(preset: str, bench: Bench):
     from cdi_ray.features.config import FeatureConfig
 
     return FeatureConfig(features=preset, device=bench.device, autocast_dtype=bench.autocast)
@@ -278,7 +273,7 @@ def _feature_config(preset: str, bench: Bench, batch: int):
 def section_passes(bench: Bench, args, state: dict) -> list[Row]:
     rows = []
     for preset in args.presets:
-        planned = _feature_config(preset, bench, args.batch).passes_per_image()
+        planned = _feature_config(preset, bench).passes_per_image()
         fwd, fb, fb_max = SPEC_PASSES[preset]
         ok = planned["forward"] <= fwd and planned["forward_backward"] <= fb
         rows.append(Row("passes", f"{preset}: planned fwd, fwd+bwd (least–most)",
@@ -296,7 +291,7 @@ def section_method(bench: Bench, args, state: dict) -> list[Row]:
     x_all, labels = bench.images(args.method_images)
     rows = []
     for preset in args.presets:
-        extractor = FeatureExtractor(bench.model, _feature_config(preset, bench, args.batch))
+        extractor = FeatureExtractor(bench.model, _feature_config(preset, bench))
         warm = min(args.batch, 4)
         extractor(torch.from_numpy(x_all[:warm]), _metas(warm, labels))
         fwd = fb = 0
@@ -447,6 +442,7 @@ class ProcessCpu:
     RAY_DATA_TITLES = ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor", "ray::ActorLocationTracker")
     GROUPS = ("actors", "tasks", "aggregators", "ray_data", "daemons", "driver")
     WORKERS = ("actors", "tasks", "aggregators", "ray_data")  # what the pipeline's work costs
+    SPECIFIC = ("actors", "aggregators", "ray_data", "driver")
 
     @classmethod
     def group(cls, title: str) -> str:
@@ -487,7 +483,10 @@ class ProcessCpu:
                 continue
             key = (pid, int(fields[19]))  # (pid, start time): a reused pid is another process
             cpu = (int(fields[11]) + int(fields[12])) / tick
-            self._seen[key] = (self.group(title), max(cpu, self._seen.get(key, ("", 0.0))[1]))
+            old_group, old_cpu = self._seen.get(key, ("", 0.0))
+            # an exiting process has an empty title, and a worker's role never goes back to idle
+            group = old_group if old_group in self.SPECIFIC or not title.strip() else self.group(title)
+            self._seen[key] = (group, max(cpu, old_cpu))
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds per group spent since ``__enter__``."""
@@ -598,7 +597,7 @@ def section_e2e(bench: Bench, args, state: dict) -> list[Row]:
 
 
 def _planned(preset: str, bench: Bench, args) -> dict[str, float]:
-    p = _feature_config(preset, bench, args.batch).passes_per_image()
+    p = _feature_config(preset, bench).passes_per_image()
     return {"fwd": p["forward"], "fb": p["forward_backward"]}
 
 
@@ -683,8 +682,6 @@ def _rss_mb() -> float:
 
 
 def section_scaling(bench: Bench, args, state: dict) -> list[Row]:
-    import ray
-
     if bench.model_uri is None:
         return [Row("scaling", "skipped", "the model exists only in memory")]
     start_ray(args)
@@ -798,6 +795,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = args.device if args.device != "cpu" or args.tiny else "cuda"
         args.batch = args.batch or 64
         args.sections = [s for s in args.sections if s in ("floor", "passes", "method")]
+    if args.device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        p.error(f"device {args.device!r}: no CUDA device here; add --tiny to run the same code path on CPU")
     args.presets = args.presets or ["white-box", "gray-box"]
     args.sources = args.sources or ["local", "s3"]
     args.autocast = "bfloat16" if args.gpu_dit_xl and not args.tiny else None

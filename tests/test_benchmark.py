@@ -56,6 +56,13 @@ def test_unknown_section_is_a_clear_error(bench_job, capsys):
     assert "unknown section(s) ['nope']" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message given where CUDA is absent")
+def test_gpu_mode_without_cuda_is_a_clear_error(bench_job, capsys):
+    with pytest.raises(SystemExit):
+        bench_job.parse_args(["--gpu-dit-xl"])
+    assert "add --tiny" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_pipeline_sections(bench_job, tmp_path):
     """Three child drivers on one local Ray (≈ 30 s on an idle 2-core machine)."""
