@@ -727,8 +727,8 @@ def section_stats(bench: Bench, args, state: dict) -> list[Row]:
     rows = []
     for r in calibration.statistics_cost(args.stats_n, seed=0):
         rows.append(Row("stats", f"{r['n_published']:,} + {r['n_unpublished']:,} × {r['k']}, {r['case']}, "
-                                 f"block {r['block_size']}: permutations, CPU s",
-                        f"{r['permutations_drawn']}, {r['cpu_s']:.2f}"))
+                                 f"block {r['block_size']}, cap {r['max_permutations']}: permutations drawn, p, CPU s, wall s",
+                        f"{r['permutations_drawn']}, {r['pvalue']:.3g}, {r['cpu_s']:.2f}, {r['wall_s']:.2f}"))
     return rows
 
 
@@ -828,8 +828,9 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> tuple[list[Row], dict]:
-    """Run the selected sections; returns the rows and the raw figures."""
+def run(args, on_section=None) -> tuple[list[Row], dict]:
+    """Run the selected sections; returns the rows and the raw figures. ``on_section(rows, state)``
+    is called after each section (the full run saves its progress with it)."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -844,8 +845,16 @@ def run(args) -> tuple[list[Row], dict]:
         for section in args.sections:
             t0 = time.perf_counter()
             rows += SECTION_FUNCS[section](bench, args, state)
-            print(f"[{section}] {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            print(f"[{section}] {time.perf_counter() - t0:.1f} s, load average {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr, flush=True)
+            if on_section:
+                on_section(rows, state)
     return rows, state
+
+
+def header(started: _dt.datetime) -> str:
+    return (f"# cdi-ray benchmark — {started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f}\n# python {' '.join(sys.argv)}")
 
 
 def main(argv=None) -> int:
@@ -854,17 +863,19 @@ def main(argv=None) -> int:
         print(json.dumps(scaling_case(args) if args.scaling_case else e2e_case(args)))
         return 0
     started = _dt.datetime.now(_dt.timezone.utc)
-    rows, state = run(args)
-    print(f"# cdi-ray benchmark — {started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"# python {' '.join(sys.argv)}")
-    print(format_table(rows))
-    if args.json:
-        raw = {k: v for k, v in state.items() if k not in ("floor",)}
-        if "floor" in state:
-            raw["floor"] = asdict(state["floor"])
+
+    def save(rows: list[Row], state: dict) -> None:
+        if not args.json:
+            return
+        raw = {k: (asdict(v) if k == "floor" else v) for k, v in state.items()}
         Path(args.json).write_text(json.dumps({"started": started.isoformat(timespec="seconds"), "argv": sys.argv,
+                                               "table": header(started) + "\n" + format_table(rows),
                                                "rows": [asdict(r) for r in rows], "raw": raw}, indent=1, default=str))
+
+    rows, state = run(args, on_section=save)
+    print(header(started))
+    print(format_table(rows))
+    save(rows, state)
     return 0 if all(r.ok is not False for r in rows) else 1
 
 
