@@ -90,13 +90,14 @@ class Row:
 
 @dataclass(frozen=True)
 class Floor:
-    """f's best throughput (rows/s) by wall and CPU clock, and the batch size it was reached at."""
+    """f's best throughput (rows/s) by wall and CPU clock, and the batch sizes it was reached at."""
 
     fwd_wall: float
     fwd_cpu: float
     fb_wall: float
     fb_cpu: float
-    batch: int
+    batch_fwd: int
+    batch_fb: int
 
     def images_per_s(self, fwd: float, fb: float, clock: str = "wall") -> float:
         """The rate f allows for ``fwd`` forward and ``fb`` forward+backward passes per image."""
@@ -243,7 +244,8 @@ def best_floor(per_batch: dict[int, dict[str, float]], clock: str) -> Floor:
     """The floor: forward and forward+backward each at the batch size that is fastest on ``clock``."""
     bf = max(per_batch, key=lambda b: per_batch[b][f"fwd_{clock}"])
     bb = max(per_batch, key=lambda b: per_batch[b][f"fb_{clock}"])
-    return Floor(per_batch[bf]["fwd_wall"], per_batch[bf]["fwd_cpu"], per_batch[bb]["fb_wall"], per_batch[bb]["fb_cpu"], bf)
+    return Floor(per_batch[bf]["fwd_wall"], per_batch[bf]["fwd_cpu"], per_batch[bb]["fb_wall"], per_batch[bb]["fb_cpu"],
+                 bf, bb)
 
 
 def _fmt_rates(r: dict) -> str:
@@ -256,7 +258,8 @@ def section_floor(bench: Bench, args, state: dict) -> list[Row]:
     floor = best_floor(per_batch, clock)
     state["floor"], state["floor_per_batch"] = floor, per_batch
     rows = [Row("floor", f"f rows/s at batch {b}, wall / cpu", _fmt_rates(r)) for b, r in per_batch.items()]
-    rows.append(Row("floor", f"**floor** (best batch by {clock} clock: {floor.batch}), rows/s, wall / cpu",
+    rows.append(Row("floor", f"**floor** (best batch by {clock} clock: fwd {floor.batch_fwd}, fwd+bwd "
+                             f"{floor.batch_fb}), rows/s, wall / cpu",
                     _fmt_rates(asdict(floor))))
     return rows
 
@@ -602,10 +605,11 @@ def _planned(preset: str, bench: Bench, args) -> dict[str, float]:
 
 
 def _quick_floor(bench: Bench, args, state: dict) -> Floor:
-    """The floor at its best batch size, re-measured now (the machine's load drifts)."""
-    b = state["floor"].batch if "floor" in state else args.batch
-    r = measure_f(bench, b, max(1.0, args.seconds / 2))
-    return Floor(r["fwd_wall"], r["fwd_cpu"], r["fb_wall"], r["fb_cpu"], b)
+    """The floor at its best batch sizes, re-measured now (the machine's load drifts)."""
+    bf, bb = (state["floor"].batch_fwd, state["floor"].batch_fb) if "floor" in state else (args.batch, args.batch)
+    seconds = max(1.0, args.seconds / 2)
+    r = {b: measure_f(bench, b, seconds) for b in {bf, bb}}
+    return Floor(r[bf]["fwd_wall"], r[bf]["fwd_cpu"], r[bb]["fb_wall"], r[bb]["fb_cpu"], bf, bb)
 
 
 # ==================================================================================================
