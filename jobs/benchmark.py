@@ -812,6 +812,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "full": (64, "16,32,64,128,256", 3.0, 256, 2000, "100,1000", 20000),
     }[size]
     args.batch = args.batch or defaults[0]
+    if args.gpu_dit_xl and not args.tiny and not args.batches:
+        args.batches = "32,64,128"  # DiT-XL/2's forward+backward activations at 256 rows approach 100 GB
     args.batches = [int(b) for b in (args.batches or defaults[1]).split(",")]
     args.seconds = args.seconds or defaults[2]
     args.method_images = args.method_images or defaults[3]
