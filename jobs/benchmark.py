@@ -16,7 +16,7 @@ and prints one table (docs/PERFORMANCE.md records a full run):
 7. ``shards``  — slot for the shard-format throughput benchmark (small files vs tar vs Parquet
                  from S3), run when its module is importable (see ``SHARD_BENCHMARK``).
 
-    python jobs/benchmark.py                          # the full run (~30 min on 2 shared cores)
+    python jobs/benchmark.py                          # the full run (16 min on an idle 2-core machine)
     python jobs/benchmark.py --quick                  # development: small counts, ~5 min
     python jobs/benchmark.py --only floor,passes,method --preset gray-box
     python jobs/benchmark.py --gpu-dit-xl             # model layer on a DiT-XL/2-256 (random weights, bf16, batch 64)
