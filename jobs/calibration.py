@@ -148,7 +148,7 @@ def _block_cell(task):
     return {"kind": "block", "block_size": block_size, "pvalues": p.tolist()}
 
 
-def _benchmark(n: int, seed: int) -> list[dict]:
+def statistics_cost(n: int, seed: int) -> list[dict]:
     rows = []
     rng = np.random.default_rng(seed)
     for label, shift in (("null", 0.0), ("overwhelming (runs to the 9,999 cap)", 0.05)):
@@ -247,7 +247,7 @@ def main(args) -> dict:
                                 "mean_p": float(p.mean())})
 
     # 5. benchmark (single process, nothing else of ours running)
-    bench = _benchmark(args.bench_n, next(seeds)) if args.bench_n else []
+    bench = statistics_cost(args.bench_n, next(seeds)) if args.bench_n else []
 
     summary = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

@@ -172,7 +172,7 @@ class FeatureConfig(BaseModel):
 
 def passes_per_image(features: str | tuple[str, ...] = "white-box", **overrides: dict) -> dict[str, int]:
     """Passes of f per image for a preset (or feature list) with default settings, e.g.
-    ``passes_per_image("white-box") == {"forward": 29, "forward_backward": 16, "forward_backward_max": 111}``."""
+    ``passes_per_image("white-box") == {"forward": 28, "forward_backward": 16, "forward_backward_max": 111}``."""
     return FeatureConfig(features=features, overrides=overrides).passes_per_image()
 
 

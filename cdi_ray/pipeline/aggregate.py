@@ -353,6 +353,11 @@ def run_controls(job: AuditJob, hp: list[str], hu: list[str], descriptors) -> li
 class AuditAggregator:
     """Runs groups of audits that share a store partition (wrapped as a Ray actor by ``run.py``)."""
 
+    def warm_up(self) -> None:
+        """Import the statistics stack (SciPy, scikit-learn: seconds) before the first group arrives;
+        ``run.py`` calls it while the features are computed."""
+        import cdi_ray.stats  # noqa: F401
+
     def run_group(self, store_root: str, fingerprint: str, key: str, columns: list[str], jobs: list[AuditJob]) -> list[AuditOutcome]:
         """Read the partition's rows the group needs once (and its descriptors), then run each audit on them."""
         from cdi_ray.controls.descriptors import DESCRIPTOR_NAMES

@@ -564,8 +564,13 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         describe_in_stream[name] = mine
     lap("plan", t0)
 
-    # 5. compute
+    # 5. compute (the aggregators start now: their start-up and imports overlap the features)
     t0 = time.time()
+    n_live = sum(a.id in audit_key for a in manifest.audits)
+    if n_live:
+        n_groups = len({(fingerprints[a.model], audit_key[a.id]) for a in manifest.audits if a.id in audit_key})
+        for actor in aggregator_pool(min(max_aggregators, n_groups, -(-n_live // AUDITS_PER_AGGREGATOR))):
+            actor.warm_up.remote()
     compute: dict[str, dict] = {}
     transient: dict[str, str] = {}
 

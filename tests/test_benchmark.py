@@ -1,0 +1,84 @@
+"""jobs/bench_job.py runs and its table has the expected rows (tiny models and counts; no timings checked)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench_job():
+    spec = importlib.util.spec_from_file_location("cdi_ray_benchmark", ROOT / "jobs" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _measures(rows, section):
+    return [r.measure for r in rows if r.section == section]
+
+
+def test_model_layer_sections(bench_job, tmp_path):
+    args = bench_job.parse_args(["--tiny", "--only", "passes,method,stats", "--seconds", "0.05",
+                                 "--workdir", str(tmp_path)])
+    assert args.sections[0] == "floor"  # the method ratios need the floor, so it is added
+    rows, state = bench_job.run(args)
+    assert [r.section for r in rows][0] == "setup"
+    assert len(_measures(rows, "floor")) == len(args.batches) + 1
+    for preset in ("white-box", "gray-box"):
+        passes = [r for r in rows if r.section == "passes" and r.measure.startswith(preset)]
+        assert len(passes) == 1 and passes[0].ok  # planned passes within METHOD.md's count
+        assert sum(m.startswith(preset) for m in _measures(rows, "method")) == 3
+        performed = state["performed"][preset]
+        assert performed["fwd"] == 28 and performed["fb"] >= (16 if preset == "white-box" else 0)
+    assert len(_measures(rows, "stats")) == 4
+    table = bench_job.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and all(line.count("|") == 6 for line in table.splitlines())
+
+
+def test_gpu_dit_xl_mode_runs_on_cpu_with_a_tiny_dit(bench_job, tmp_path):
+    args = bench_job.parse_args(["--gpu-dit-xl", "--tiny", "--preset", "gray-box", "--seconds", "0.05",
+                                 "--workdir", str(tmp_path)])
+    assert args.sections == ["floor", "passes", "method"] and args.device == "cpu"
+    rows, _ = bench_job.run(args)
+    assert "tiny DiT" in rows[0].value
+    assert len(_measures(rows, "method")) == 3
+
+
+def test_unknown_section_is_a_clear_error(bench_job, capsys):
+    with pytest.raises(SystemExit):
+        bench_job.parse_args(["--only", "floor,nope"])
+    assert "unknown section(s) ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message given where CUDA is absent")
+def test_gpu_mode_without_cuda_is_a_clear_error(bench_job, capsys):
+    with pytest.raises(SystemExit):
+        bench_job.parse_args(["--gpu-dit-xl"])
+    assert "add --tiny" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pipeline_sections(bench_job, tmp_path):
+    """Three child drivers on one local Ray (≈ 30 s on an idle 2-core machine)."""
+    import ray
+
+    args = bench_job.parse_args(["--tiny", "--only", "e2e,scaling", "--preset", "gray-box", "--source", "local",
+                                 "--collections", "1,2", "--seconds", "0.05", "--workdir", str(tmp_path)])
+    try:
+        rows, state = bench_job.run(args)
+    finally:
+        ray.shutdown()
+    assert set(state["e2e"]) == {"gray-box/local"}
+    e2e = state["e2e"]["gray-box/local"]
+    assert e2e["computed"] == args.e2e_images and e2e["done"] == 1
+    assert e2e["cpu_s"]["actors"] > 0  # the feature actor's process was found and charged
+    assert len(_measures(rows, "e2e")) == 3
+    loads = [r for r in rows if r.section == "scaling" and "model loads" in r.measure]
+    assert len(loads) == 2 and all(r.ok for r in loads)  # one load per actor, every image computed, audits done
+    assert [c["collections"] for c in state["scaling"]] == [1, 2]
