@@ -559,6 +559,13 @@ def section_e2e(bench: Bench, args, state: dict) -> list[Row]:
     sources = {"local": (str(p_dir), str(u_dir))}
     if "s3" in args.sources:
         sources["s3"] = (upload(p_dir, "bench/P"), upload(u_dir, "bench/U"))
+    if "s3-tar" in args.sources:  # the same images as WebDataset shards: one object per ~250 images
+        from cdi_ray.packing import pack
+
+        for side, folder in (("P", p_dir), ("U", u_dir)):
+            upload(folder, f"bench/{side}")  # pack's source; bucket created
+            pack(f"s3://bench/{side}/", f"s3://bench/{side}-tar/", fmt="webdataset", shard_size=250)
+        sources["s3-tar"] = ("s3://bench/P-tar/*.tar", "s3://bench/U-tar/*.tar")
     main = "cpu" if bench.device == "cpu" else "wall"
     rows = []
     for preset in args.presets:
@@ -754,7 +761,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model layer (floor, passes, method) on a DiT-XL/2-256 from config, cuda, bf16 autocast, batch 64")
     p.add_argument("--model", default="easy", help="demo model easy|hard (default easy), or dit-xl")
     p.add_argument("--preset", action="append", dest="presets", choices=sorted(SPEC_PASSES), help="repeatable; default both")
-    p.add_argument("--source", action="append", dest="sources", choices=("local", "s3"), help="repeatable; default both")
+    p.add_argument("--source", action="append", dest="sources", choices=("local", "s3", "s3-tar"),
+                   help="repeatable; default local and s3 (small objects); s3-tar: the same images as tar shards on S3")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, help="images per extractor call / feature-actor batch (default 64)")
     p.add_argument("--batches", help="batch sizes tried for the floor, e.g. 16,32,64,128")
@@ -836,7 +844,7 @@ def run(args, on_section=None) -> tuple[list[Row], dict]:
         workdir = Path(args.workdir or tmp)
         state: dict = {"workdir": str(workdir)}
         bench = load_bench(args, workdir)
-        if ("e2e" in args.sections and "s3" in args.sources) or "shards" in args.sections:
+        if ("e2e" in args.sections and {"s3", "s3-tar"} & set(args.sources)) or "shards" in args.sections:
             stack.enter_context(moto_server())
         rows = [Row("setup", "model, device, torch threads, autocast",
                     f"{bench.name}, {bench.device}, {torch.get_num_threads()}, {bench.autocast or 'none'}")]
