@@ -435,8 +435,9 @@ def render_audit_html(audit_json: dict) -> str:
         ("procedure", f"{e(a.get('procedure'))} "
                       + ("(calibrated)" if a.get("calibrated") else "(NOT calibrated: cannot give “used”)"
                          if a.get("calibrated") is False else "")),
-        ("features", "audited model's" if a.get("feature_calibration", "none") == "none" else
-         f"reference-calibrated: audited model's minus {e(a['feature_calibration'].split(':', 1)[-1])}'s "
+        ("features", "the audited model's own (no reference calibration)"
+         if a.get("feature_calibration", "none") == "none" else
+         f"reference-calibrated: the audited model's minus {e(a['feature_calibration'].split(':', 1)[-1])}'s "
          f"on the same images"),
         ("per-audit α", e(a.get("alpha"))),
         ("permutations", perm),
