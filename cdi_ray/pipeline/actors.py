@@ -254,7 +254,8 @@ class FeatureStage:
 
     Out of memory (``torch.OutOfMemoryError`` or ``MemoryError``) in a call never loses the batch:
     the call is retried on each half, down to single images; an image that does not fit alone is
-    an ``error`` row (``out_of_memory: …``) and the rest of the batch is computed.
+    a ``transient`` row (``out_of_memory: …``: not stored, so a run on a larger device computes
+    it) and the rest of the batch is computed.
     """
 
     model_uri: str
@@ -303,7 +304,8 @@ class FeatureStage:
                 if isinstance(feats.get(i), list):
                     out.append((keys[i], key, STATUS_OK, None, feats[i]))
                 else:
-                    out.append((keys[i], key, STATUS_ERROR if i in feats else status[i],
+                    # out of memory is the machine's limit, not the image's: not stored, retried next run
+                    out.append((keys[i], key, STATUS_TRANSIENT if i in feats else status[i],
                                 feats.get(i) or errors[i] or "failed", None))
         return out
 
