@@ -47,7 +47,7 @@ def progress_enabled() -> bool:
     return bool(_STATE["configured"])
 
 
-def drop_ray_noise(local: bool) -> None:
+def drop_ray_noise() -> None:
     """Before ``ray.init`` (Ray imported): filter Ray's non-actionable warnings out of a quiet CLI run.
 
     Only Python log records can be filtered; the C++ core's own stderr lines (e.g. an
@@ -74,13 +74,13 @@ def quiet_ray(local: bool) -> None:
 
     ctx = ray.data.DataContext.get_current()
     if _STATE["verbose"] < 1:
+        drop_ray_noise()  # Ray Data's handlers exist now too
         ctx.print_on_execution_start = False
         ctx.enable_auto_log_stats = False
         for handler in logging.getLogger("ray.data").handlers:
             if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
                 handler.setLevel(logging.WARNING)
     if local:
-        drop_ray_noise(local)  # Ray Data's handlers exist now too
         ctx.enable_progress_bars = False
 
 

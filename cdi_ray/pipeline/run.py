@@ -105,7 +105,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    console.drop_ray_noise(local=not address)
+    console.drop_ray_noise()
     quiet = console.progress_enabled() and console.verbose() < 1
     level = logging.WARNING if quiet else logging.INFO
     if address:
