@@ -365,31 +365,20 @@ def upload(folder: Path, prefix: str) -> str:
 def moto_server():
     """A moto S3 server on 127.0.0.1 for this process and the Ray workers it starts (so it must
     start before Ray: workers inherit the environment Ray was started with)."""
-    import logging
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     from cdi_ray import storage
+    from cdi_ray.pipeline.bench_sources import moto_endpoint
 
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage.reset_client()  # a client cached before would point elsewhere
-    try:
-        yield env
-    finally:
-        server.stop()
-        _restore_env(old)
-        storage.reset_client()
+    with moto_endpoint() as endpoint:
+        env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        storage.reset_client()  # a client cached before would point elsewhere
+        try:
+            yield env
+        finally:
+            _restore_env(old)
+            storage.reset_client()
 
 
 def _restore_env(old: dict[str, str | None]) -> None:

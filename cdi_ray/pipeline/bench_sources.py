@@ -25,7 +25,8 @@ KINDS = ("files", "webdataset", "parquet")
 
 
 @contextlib.contextmanager
-def _moto():
+def moto_endpoint():
+    """A moto S3 server on 127.0.0.1 (a free port) for benchmarks; yields its endpoint URL."""
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -83,7 +84,7 @@ def bench_sources(n_images: int = 2000, *, image_size: int = 64, shard_size: int
     tmp = workdir or tempfile.mkdtemp(prefix="cdi-bench-")
     stack = contextlib.ExitStack()
     try:
-        url = endpoint or stack.enter_context(_moto())
+        url = endpoint or stack.enter_context(moto_endpoint())
         env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "bench"),
                "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "bench"),
                "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
