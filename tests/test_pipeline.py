@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
 
 from cdi_ray import storage
@@ -27,26 +26,11 @@ from cdi_ray.pipeline.results import diff_markdown, diff_results
 from cdi_ray.pipeline.run import run_manifest
 from cdi_ray.pipeline.store import FeatureStore
 from cdi_ray.spec import parse_manifest
-from _pipeline_helpers import env, moto_s3, write_images
+from _pipeline_helpers import env, ray_local, s3_env, write_images  # noqa: F401 — ray_local, s3_env: fixtures
 
 # Small per-feature settings keep the tiny models fast; the full gray-box column set is kept.
 FAST = {"dl": {"n_draws": 2}}
 TEST = {"min_samples": 5}
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    with moto_s3() as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_env, tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("model-cache"))
-    worker_env = {**s3_env, "CDI_RAY_CACHE": cache}
-    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": worker_env})
-    yield worker_env
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import os
 import tarfile
 
 import pytest
-import ray
 
 from cdi_ray import storage
 from cdi_ray.cli import main as cli
@@ -21,25 +20,10 @@ from cdi_ray.images import content_hash
 from cdi_ray.pipeline.run import run_manifest
 from cdi_ray.pipeline.store import FeatureStore
 from cdi_ray.spec import parse_manifest
-from _pipeline_helpers import env, moto_s3, write_images
+from _pipeline_helpers import env, ray_local, s3_env, write_images  # noqa: F401 — ray_local, s3_env: fixtures
 
 FAST = {"overrides": {"dl": {"n_draws": 2}}, "features": ["dl", "pia"], "test": {"procedure": "split", "min_samples": 3}}
 N = 8
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    with moto_s3() as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_env, tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("model-cache"))
-    worker_env = {**s3_env, "CDI_RAY_CACHE": cache}
-    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": worker_env})
-    yield worker_env
-    ray.shutdown()
 
 
 def _collection(root, seed):
