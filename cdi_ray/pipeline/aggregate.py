@@ -307,7 +307,7 @@ def calibrated_rows(target, reference, key_map: dict[str, str] | None = None, on
     rows_t, status_t, errors_t, m_t = target
     rows_r, status_r, errors_r, m_r = reference
     key_map = key_map or {}
-    keys = [k for k in rows_t if only is None or k in only]
+    keys = list(rows_t) if only is None else sorted(k for k in only if k in rows_t)  # the job's, not the group's
     status, errors = [], []
     matrix = np.zeros((len(keys), m_t.shape[1]))
     for i, k in enumerate(keys):
