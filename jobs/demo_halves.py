@@ -88,3 +88,18 @@ def cached_features(model: str, indices: np.ndarray, *, preset="white-box", over
     X = np.concatenate(rows) if rows else np.zeros((0, 0))
     pos = np.searchsorted(order, indices)
     return X[pos], list(columns or []), seconds
+
+
+def part_features(model: str, part: str, **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(members X, held-out X, columns) of a half (``"tune"``/``"eval"``) or of both (``"all"``),
+    each half read through its own chunk cache so "all" reuses the halves' extractions."""
+    h = demo_halves(model)
+    parts = ("tune", "eval") if part == "all" else (part,)
+    Xm, Xh, cols = [], [], None
+    for p in parts:
+        m, u = h.part(p)
+        a, cols, _ = cached_features(model, m, **kwargs)
+        b, _, _ = cached_features(model, u, **kwargs)
+        Xm.append(a)
+        Xh.append(b)
+    return np.concatenate(Xm), np.concatenate(Xh), cols

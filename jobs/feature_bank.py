@@ -14,10 +14,14 @@ reproduces the bank's values through the real ``FeatureExtractor``):
   original SecMI inverts to t = 90 and uses the squared L2 norm — a monotone transform, so the
   squared value is not stored);
 * ``no_t{t}_i{m}_{loss,delta}`` = Noise Optimisation with timestep t and m L-BFGS iterations
-  (forward+backward passes; only with ``--no``).
+  (forward+backward passes).
 
-    python jobs/feature_bank.py --model hard --part tune          # 2,250 images, ≈ 15 min on 2 busy cores
-    python jobs/feature_bank.py --model hard --part tune --no     # + Noise Optimisation settings
+Three sets (``--set``), cached separately: ``losses`` (the loss draws, PIA and SecMI at a few t),
+``proximal`` (PIA and SecMI at small t, added after ``losses`` showed the signal there) and ``no``.
+
+    python jobs/feature_bank.py --model hard --part tune                   # 2,250 images, ≈ 30 min on 2 busy cores
+    python jobs/feature_bank.py --model hard --part tune --set proximal    # PIA and SecMI at small t
+    python jobs/feature_bank.py --model hard --part tune --set no          # Noise Optimisation settings
     python jobs/feature_bank.py --smoke-test
 
 Chunks of 250 images are cached (``--cache``), so a killed run resumes.
@@ -44,12 +48,27 @@ PIA_ORDERS = (2.0, 4.0, 5.0)
 SECMI_TIMESTEPS = (50, 90, 100)
 NO_SETTINGS = ((50, 5), (100, 10))  # (timestep, L-BFGS iterations)
 BANK_VERSION = 1
+#: Second set (run after the first showed that PIA and SecMI are strongest at small t).
+PROXIMAL_PIA_TIMESTEPS = (10, 20, 30, 40, 50, 75, 100)
+PROXIMAL_PIA_ORDERS = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+PROXIMAL_SECMI_TIMESTEPS = (20, 30, 40)
+SETS = ("losses", "proximal", "no")
 
 
-def bank_spec(with_no: bool) -> dict:
-    return {"version": BANK_VERSION, "loss_timesteps": LOSS_TIMESTEPS, "loss_draws": LOSS_DRAWS,
-            "pia_timesteps": PIA_TIMESTEPS, "pia_orders": PIA_ORDERS, "secmi_timesteps": SECMI_TIMESTEPS,
-            "no_settings": NO_SETTINGS if with_no else ()}
+def bank_spec(which: str) -> dict:
+    """The quantities of bank set ``which``: ``losses`` (loss draws, PIA and SecMI at a few t),
+    ``proximal`` (PIA and SecMI at small t), ``no`` (Noise Optimisation settings)."""
+    empty = {"version": BANK_VERSION, "loss_timesteps": (), "loss_draws": 0, "pia_timesteps": (), "pia_orders": (),
+             "secmi_timesteps": (), "no_settings": ()}
+    if which == "losses":
+        return {**empty, "loss_timesteps": LOSS_TIMESTEPS, "loss_draws": LOSS_DRAWS, "pia_timesteps": PIA_TIMESTEPS,
+                "pia_orders": PIA_ORDERS, "secmi_timesteps": SECMI_TIMESTEPS}
+    if which == "proximal":
+        return {**empty, "pia_timesteps": PROXIMAL_PIA_TIMESTEPS, "pia_orders": PROXIMAL_PIA_ORDERS,
+                "secmi_timesteps": PROXIMAL_SECMI_TIMESTEPS}
+    if which == "no":
+        return {**empty, "no_settings": NO_SETTINGS}
+    raise ValueError(f"bank set must be one of {SETS}; got {which!r}")
 
 
 def bank_columns(spec: dict) -> list[str]:
@@ -87,7 +106,8 @@ def compute_chunk(model, indices: np.ndarray, spec: dict, seed: int) -> np.ndarr
     ctx = EvalContext(model, z, None, seed=seed, content_hashes=hashes)
     cols: dict[str, torch.Tensor] = {}
     keys = [NoisedKey("dl", k, t) for t in spec["loss_timesteps"] for k in range(spec["loss_draws"])]
-    ctx.prefetch([Request(k) for k in keys] + [Request(CleanKey(0))])
+    needs_eps0 = bool(spec["pia_timesteps"] or spec["secmi_timesteps"])
+    ctx.prefetch([Request(k) for k in keys] + ([Request(CleanKey(0))] if needs_eps0 else []))
     for k in keys:
         cols[f"loss_t{k.t}_d{k.draw}"] = ctx.loss(k)
     eps0 = ctx.get(CleanKey(0)).pred
@@ -103,13 +123,13 @@ def compute_chunk(model, indices: np.ndarray, spec: dict, seed: int) -> np.ndarr
     return np.stack([cols[c].detach().double().numpy() for c in bank_columns(spec)], axis=1)
 
 
-def bank(model_name: str, indices: np.ndarray, *, with_no: bool = False, seed: int = 0, cache: Path = DEFAULT_CACHE,
+def bank(model_name: str, indices: np.ndarray, *, which: str = "losses", seed: int = 0, cache: Path = DEFAULT_CACHE,
          log=print) -> tuple[np.ndarray, list[str], float]:
-    """``(X, columns, seconds)`` of the bank for bundle images ``indices`` (rows in that order)."""
+    """``(X, columns, seconds)`` of bank set ``which`` for bundle images ``indices`` (rows in that order)."""
     from cdi_ray.demo.bundle import demo_model_dir
     from cdi_ray.models import load_model
 
-    spec = bank_spec(with_no)
+    spec = bank_spec(which)
     model = load_model(demo_model_dir(model_name))
     order = np.unique(np.asarray(indices, dtype=np.int64))
     rows, seconds = [], 0.0
@@ -139,7 +159,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="hard")
     p.add_argument("--part", default="tune", choices=("tune", "eval", "all"))
-    p.add_argument("--no", action="store_true", help="also the Noise Optimisation settings (forward+backward)")
+    p.add_argument("--set", default="losses", choices=SETS, help="which quantities (see bank_spec)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--smoke-test", action="store_true")
@@ -151,7 +171,7 @@ def main(argv=None):
     if args.smoke_test:
         members, heldout = members[:8], heldout[:8]
     for name, idx in (("members", members), ("heldout", heldout)):
-        X, cols, s = bank(args.model, idx, with_no=args.no, cache=Path(args.cache))
+        X, cols, s = bank(args.model, idx, which=args.set, cache=Path(args.cache))
         print(f"{args.model} {args.part} {name}: {X.shape} in {s:.0f} s", flush=True)
 
 
