@@ -92,7 +92,15 @@ def cached_features(model: str, indices: np.ndarray, *, preset="white-box", over
 
 def part_features(model: str, part: str, **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(members X, held-out X, columns) of a half (``"tune"``/``"eval"``) or of both (``"all"``),
-    each half read through its own chunk cache so "all" reuses the halves' extractions."""
+    each half read through its own chunk cache so "all" reuses the halves' extractions.
+
+    ``preset="gray-box"`` is read from the white-box extraction: its 14 columns are white-box
+    columns computed from the same noise draws (every family's values are independent of which
+    other families run), so they need no extraction of their own."""
+    if kwargs.get("preset") == "gray-box":
+        Xm, Xh, cols = part_features(model, part, **{**kwargs, "preset": "white-box"})
+        keep = [j for j, c in enumerate(cols) if not c.startswith(("gm_", "no_"))]
+        return Xm[:, keep], Xh[:, keep], [cols[j] for j in keep]
     h = demo_halves(model)
     parts = ("tune", "eval") if part == "all" else (part,)
     Xm, Xh, cols = [], [], None

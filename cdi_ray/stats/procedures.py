@@ -324,6 +324,7 @@ def _crossfit_permutation(P, U, *, alpha, seed, scorer, directions, prior, ridge
         calibrated=True, n_permutations=seq.n_permutations, n_exceedances=seq.n_exceedances,
         p_at_floor=seq.p_at_floor, p_tail_estimate=tail, statistic_standardized=z,
         scores_published=sp, scores_unpublished=su,
+        feature_weights=engine.weights() if scorer == "directional" else np.empty(0),
         options=dict(scorer=scorer, n_splits=n_splits, **opts, stop_exceedances=h, max_permutations=max_permutations,
                      max_permutations_reverse=max_permutations_reverse, n_drawn=seq.n_drawn,
                      **({"statistic_reverse": t_rev} if scorer == "directional" else {})),

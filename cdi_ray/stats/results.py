@@ -73,6 +73,9 @@ class TestResult:
             statistics drawn: how many null SDs the observed statistic lies above the null mean
             (comparable across scorers and sizes; ``None`` without permutations).
         scores_published, scores_unpublished (`ndarray`): held-out scores of P and U (for plots).
+        feature_weights (`ndarray`): the directional scorer's direction on the observed data, per feature in
+            units of the standardised raw feature (positive: a higher raw value scores as a member; 0 for a
+            constant feature), scaled to unit score variance; empty for other scorers. For reports.
         options (`dict`): procedure options actually used (defaults filled in).
     """
 
@@ -98,6 +101,7 @@ class TestResult:
     statistic_standardized: float | None = None
     scores_published: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     scores_unpublished: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
+    feature_weights: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -151,6 +155,7 @@ class TestResult:
             "p_at_floor": self.p_at_floor,
             "p_tail_estimate": self.p_tail_estimate,
             "statistic_standardized": self.statistic_standardized,
+            "feature_weights": self.feature_weights,
             "options": dict(self.options),
         }
         if include_scores:
