@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers model directory (see README: supported families)")
     p.add_argument("--images", required=True, help="a folder of images, or a text file with one image path per line")
     p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--preset", default="white-box", choices=["white-box", "gray-box"], help="feature preset (default: white-box, 26 features)")
+    p.add_argument("--preset", default="white-box", choices=["white-box", "gray-box", "efficient"],
+                   help="feature preset (default: white-box, 26 features)")
     p.add_argument("--seed", type=int, default=0, help="audit seed; every random draw derives from it and the image's content hash")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
@@ -179,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
     p.add_argument("--n", type=int, default=None,
                    help="images per collection for every audit (default: per model, cdi_ray.demo.audit.DEMO_SIZES)")
-    p.add_argument("--preset", default="gray-box", choices=["white-box", "gray-box"],
-                   help="feature preset (default: gray-box — forward passes only, the fastest; white-box takes ~2.7× as long)")
+    p.add_argument("--preset", default="efficient", choices=["white-box", "gray-box", "efficient"],
+                   help="feature preset (default: efficient — forward passes only, as cheap as gray-box and the most "
+                        "decisive on the demo models; white-box takes ~2.7× as long)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and of every feature draw (default: 0)")
     p.set_defaults(run=_cmd_demo)
 

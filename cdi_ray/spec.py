@@ -55,7 +55,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Access = Literal["white-box", "gray-box"]
-Preset = Literal["white-box", "gray-box"]
+Preset = Literal["white-box", "gray-box", "efficient"]
 
 #: Audit ids become file names and partition values: keep them path-safe.
 AUDIT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -50,6 +50,8 @@ PROCEDURES = {
 }
 #: (model, part) evaluated; hard's tuning half is never reported.
 PARTS = {"hard": "eval", "easy": "all"}
+#: Grid points shown in the markdown tables (around each model's minimum |P|).
+SHOWN_NS = {"hard": ("100", "200", "300", "400"), "easy": ("10", "20", "30", "40", "50")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,12 +155,13 @@ def markdown(report: dict) -> str:
             lines += [f"| {fam} (`{v['column']}`) | {100 * v['tpr_at_1pct_fpr']:.1f} % | {v['auc']:.3f} |"
                       for fam, v in res["mia"].items()]
             mn = res["minimum_n"]
-            lines += ["", "| procedure \\| feature group | min \\|P\\| for mean p < 0.01 | mean p at n = 100 / 200 / 300 |",
-                      "|---|---|---|"]
+            shown = SHOWN_NS.get(name, ("100", "200", "300", "400"))
+            lines += ["", "| procedure — feature group | min \\|P\\| for mean p < 0.01 | "
+                      + " | ".join(f"mean p, n = {n}" for n in shown) + " |", "|---|---|" + "---|" * len(shown)]
             for key, v in mn.items():
                 c = v["curve"]
                 lines.append(f"| {key.replace('|', ' — ')} | {v['minimum_n'] or '> ' + max(c, key=int)} | "
-                             + " / ".join(f"{c[n]:.3g}" if n in c else "—" for n in ("100", "200", "300")) + " |")
+                             + " | ".join(f"{c[n]:.3g}" if n in c else "—" for n in shown) + " |")
             ns = sorted({n for c in res["partial"].values() for n in c}, key=int)
             lines += ["", "| r (share of P not in training) | " + " | ".join(f"mean p, n = {n}" for n in ns) + " |",
                       "|---" * (len(ns) + 1) + "|"]
