@@ -3,16 +3,17 @@
 CDI's scorer learns whatever separates P from U. If P and U differ in anything besides
 membership (date, source, curation, compression, resolution, subject), the main test finds
 "evidence" on any model. This control runs the **same calibrated test** as the main audit —
-``cdi_ray.stats.run_test(..., procedure="crossfit-permutation")``: the cross-fitted ridge scorer
-with an exact permutation p-value — on model-independent descriptors of the same images
+``cdi_ray.stats.run_test(..., procedure="crossfit-permutation")`` with an exact permutation
+p-value — on model-independent descriptors of the same images
 (:mod:`cdi_ray.controls.descriptors`). If the descriptors separate P from U at the control's
 level, the audit's verdict is ``inconclusive`` (never ``used``), and the result names the
 descriptors that separate them best.
 
 Which tail. A shift in *either* direction of any descriptor (P brighter or darker, larger or
-smaller files…) matters. The cross-fitted scorer learns the direction of the shift on the
-training folds, so separability in any direction shows up as held-out P scores *above* held-out
-U scores — the upper tail of the statistic (``TestResult.pvalue``). The lower tail ("P scores
+smaller files…) matters, and a descriptor has no "member" direction, so the default scorer runs
+with ``directions="unknown"``: its weights follow the data's own direction of every descriptor
+(a decorrelated, in-sample Hotelling-like statistic), and separability in any direction shows up
+in the upper tail of the statistic (``TestResult.pvalue``). The lower tail ("P scores
 below U") is not a shift signal (it is what a scorer does by chance, or with pairing across P and
 U) and spending half of α on it would only cost power; the control therefore uses the one-sided
 upper p-value, whose false-fire rate under exchangeable P and U is ≤ α exactly (shown by
@@ -140,6 +141,9 @@ def model_free_control(desc_P, desc_U, *, alpha: float = CONTROL_ALPHA, seed: in
 
     P = np.asarray(desc_P, dtype=np.float64)
     U = np.asarray(desc_U, dtype=np.float64)
+    options = dict(options)
+    if options.get("scorer", "directional") == "directional":
+        options.setdefault("directions", "unknown")  # descriptors have no member direction: both ways count
     try:
         res = run_test(P, U, procedure="crossfit-permutation", alpha=alpha, seed=seed, **options)
     except (ValueError, TypeError) as exc:

@@ -42,7 +42,7 @@ from .permutation import _CrossFitBase
 __all__ = ["DirectionalEngine", "resolve_directions", "DEFAULT_PRIOR", "DEFAULT_RIDGE", "DISPLAY_REPEATS"]
 
 #: Prior strength c and ridge ρ of the default, chosen on the tuning half of the demo ``hard``
-#: model and on planted simulations (docs/STATISTICS.md §2.4).
+#: model (docs/STATISTICS.md §2.4, jobs/scorer_choice.py).
 DEFAULT_PRIOR = 0.0
 DEFAULT_RIDGE = 0.1
 #: Fold assignments the display scores are averaged over (display only; not the p-value).
@@ -112,9 +112,12 @@ class DirectionalEngine(_CrossFitBase):
                          else np.zeros((self.n_units, 0)))
 
     # ------------------------------------------------------------------ statistic
+    def _direction(self, z: np.ndarray) -> np.ndarray:
+        """v = A·w for each row of ``z``: sign-constrained weights (shrunk by the prior), decorrelated."""
+        return np.where(self.known, np.maximum(z + self.prior, 0.0), z) @ self.A
+
     def _t(self, z: np.ndarray) -> np.ndarray:
-        w = np.where(self.known, np.maximum(z + self.prior, 0.0), z)
-        v = w @ self.A
+        v = self._direction(z)
         num = (v * z).sum(axis=1)
         q = ((v @ self.R) * v).sum(axis=1)
         return np.where(q > 0, num / np.sqrt(np.where(q > 0, q, 1.0)), 0.0)
@@ -140,9 +143,7 @@ class DirectionalEngine(_CrossFitBase):
         normalised to unit score variance; positive = a higher raw value looks like a member."""
         out = np.zeros(len(self.kept))
         if self.k:
-            z = self.z(self.observed_labels())
-            w = np.where(self.known, np.maximum(z + self.prior, 0.0), z)
-            v = (w @ self.A)[0]
+            v = self._direction(self.z(self.observed_labels()))[0]
             q = v @ self.R @ v
             out[self.kept] = v * self.sign / math.sqrt(q) if q > 0 else 0.0
         return out
@@ -163,9 +164,7 @@ class DirectionalEngine(_CrossFitBase):
                 if n_tp == 0 or n_tu == 0:
                     continue
                 d = self.O[tr][y[tr] == 1].mean(0) - self.O[tr][y[tr] == 0].mean(0)
-                z = d / math.sqrt(1 / n_tp + 1 / n_tu)
-                w = np.where(self.known, np.maximum(z + self.prior, 0.0), z)
-                v = w @ self.A
+                v = self._direction((d / math.sqrt(1 / n_tp + 1 / n_tu))[None, :])[0]
                 q = v @ self.R @ v
                 if q > 0:
                     s[te] += self.O[te] @ v / math.sqrt(q)
