@@ -15,10 +15,10 @@ smaller files…) matters, and a descriptor has no "member" direction (so the ma
 directional scorer does not apply). The cross-fitted ridge scorer learns the direction of the
 shift on the training folds, so separability in any direction shows up as held-out P scores
 *above* held-out U scores — the upper tail of the statistic (``TestResult.pvalue``). The lower
-tail ("P scores below U") is not a shift signal (it is what a scorer does by chance, or with pairing across P and
-U) and spending half of α on it would only cost power; the control therefore uses the one-sided
-upper p-value, whose false-fire rate under exchangeable P and U is ≤ α exactly (shown by
-simulation in ``tests/test_controls.py``).
+tail ("P scores below U") is not a shift signal (it is what a scorer does by chance, or with
+pairing across P and U) and spending half of α on it would only cost power; the control therefore
+uses the one-sided upper p-value, whose false-fire rate under exchangeable P and U is ≤ α exactly
+(shown by simulation in ``tests/test_controls.py``).
 
 Which level. ``alpha`` = :data:`CONTROL_ALPHA` (0.05), per audit, **not** corrected for the batch.
 The control protects against a false accusation, so its errors are asymmetric: a control that
