@@ -37,7 +37,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
 #: ``efficient``: forward passes only, 28 per image (the gray-box budget) — PIA at t = 10–100 with
 #: norm orders 2–8 (8 passes) and the denoising loss at t = 50, 75, 100, 150 with 5 draws each
 #: (20 passes); chosen by the smallest |P| with mean p < 0.01 on the tuning half of the demo
-#: ``hard`` model among 11 candidates within the budget (docs/DEMO_DATA.md, jobs/feature_signal.py).
+#: ``hard`` model among 13 candidates within the budget (docs/DEMO_DATA.md, jobs/feature_signal.py).
 PRESET_SETTINGS: dict[str, dict[str, dict]] = {
     "efficient": {
         "piam": {"timesteps": (10, 20, 30, 40, 50, 75, 100), "orders": (2.0, 3.0, 4.0, 5.0, 6.0, 8.0)},
