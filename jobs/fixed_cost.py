@@ -1,0 +1,91 @@
+"""Fixed cost of a small audit: ``jobs/audit.py`` against ``cdi-ray features`` on the same images.
+
+    python jobs/fixed_cost.py                  # 3 pairs, 200 + 200 demo images, demo model 'easy', gray-box
+    python jobs/fixed_cost.py --pairs 5 --json /tmp/fixed.json
+
+One audit of the demo model ``easy`` — 200 of its training images (P) against 200 held-out images
+(U), the gray-box preset, every default (calibrated test, model-free control, reports) — runs
+through ``python jobs/audit.py MANIFEST --out FRESH`` (its own process: Python start, imports, a
+local Ray, listing, hashing, planning, the feature stream, aggregation, results and reports, Ray's
+shutdown) and ``cdi-ray features --model easy --images LIST --preset gray-box`` computes the
+same 400 images' features in one process. Each pair runs both back to back (the order alternates
+from pair to pair) against a fresh output and feature store, so every feature is computed in
+both; the difference of the two wall times is the audit's fixed cost. The median over the pairs
+is reported, with every pair's figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepare(work: Path, n: int, preset: str) -> tuple[Path, Path]:
+    """Write the collections, the audit's manifest and the features' list file; return (manifest, list)."""
+    import yaml
+
+    from cdi_ray.demo.audit import materialise
+    from cdi_ray.demo.bundle import demo_model_dir
+
+    folders = materialise(work / "collections", n=n, models=("easy",))
+    p, u = folders["members-easy"], folders["heldout-u-easy"]
+    manifest = work / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "models": {"easy": {"uri": str(demo_model_dir("easy")), "access": "gray-box"}},
+        "audits": [{"id": "easy-members", "model": "easy", "published": str(p), "unpublished": str(u), "preset": preset}],
+        "output": str(work / "unused"),
+    }))
+    images = work / "images.txt"
+    images.write_text("".join(f"{f}\n" for d in (p, u) for f in sorted(d.iterdir())))
+    return manifest, images
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=int, default=3, help="paired runs (default 3)")
+    p.add_argument("--n", type=int, default=200, help="images per side (default 200)")
+    p.add_argument("--preset", default="gray-box", choices=["gray-box", "white-box"])
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="cdi-fixed-"))
+    manifest, images = prepare(work, args.n, args.preset)
+    from cdi_ray.demo.bundle import demo_model_dir
+
+    pairs = []
+    for i in range(args.pairs):
+        audit = [sys.executable, str(ROOT / "jobs" / "audit.py"), str(manifest), "--out", str(work / f"audit-{i}")]
+        feats = [sys.executable, "-m", "cdi_ray", "features", "--model", str(demo_model_dir("easy")), "--images",
+                 str(images), "--preset", args.preset, "--out", str(work / f"features-{i}.parquet")]
+        order = [("audit", audit), ("features", feats)] if i % 2 == 0 else [("features", feats), ("audit", audit)]
+        walls = {name: timed(cmd) for name, cmd in order}
+        walls["fixed_cost"] = walls["audit"] - walls["features"]
+        pairs.append(walls)
+        print(json.dumps({"pair": i, **{k: round(v, 2) for k, v in walls.items()}}), flush=True)
+    out = {"n_per_side": args.n, "preset": args.preset, "pairs": pairs,
+           "median": {k: round(statistics.median(p[k] for p in pairs), 2) for k in ("audit", "features", "fixed_cost")},
+           "load_average": os.getloadavg()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out["median"]))
+    return out
+
+
+if __name__ == "__main__":
+    main()
