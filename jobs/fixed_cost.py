@@ -48,9 +48,11 @@ def prepare(work: Path, n: int, preset: str) -> tuple[Path, Path]:
     return manifest, images
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], threads: int) -> float:
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -62,6 +64,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pairs", type=int, default=3, help="paired runs (default 3)")
     p.add_argument("--n", type=int, default=200, help="images per side (default 200)")
     p.add_argument("--preset", default="gray-box", choices=["gray-box", "white-box"])
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of both commands (default 1)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="cdi-fixed-"))
@@ -74,11 +77,13 @@ def main(argv=None) -> dict:
         feats = [sys.executable, "-m", "cdi_ray", "features", "--model", str(demo_model_dir("easy")), "--images",
                  str(images), "--preset", args.preset, "--out", str(work / f"features-{i}.parquet")]
         order = [("audit", audit), ("features", feats)] if i % 2 == 0 else [("features", feats), ("audit", audit)]
-        walls = {name: timed(cmd) for name, cmd in order}
+        walls = {name: timed(cmd, args.threads) for name, cmd in order}
         walls["fixed_cost"] = walls["audit"] - walls["features"]
-        pairs.append(walls)
-        print(json.dumps({"pair": i, **{k: round(v, 2) for k, v in walls.items()}}), flush=True)
-    out = {"n_per_side": args.n, "preset": args.preset, "pairs": pairs,
+        run = json.loads((work / f"audit-{i}" / "results.json").read_text())["run"]
+        pairs.append({**walls, "run_seconds": run["seconds"], "timings": run["timings"]})
+        print(json.dumps({"pair": i, **{k: round(v, 2) for k, v in walls.items()}, "run_seconds": run["seconds"],
+                          "timings": run["timings"]}), flush=True)
+    out = {"n_per_side": args.n, "preset": args.preset, "threads": args.threads, "pairs": pairs,
            "median": {k: round(statistics.median(p[k] for p in pairs), 2) for k in ("audit", "features", "fixed_cost")},
            "load_average": os.getloadavg()}
     if args.json:

@@ -11,8 +11,7 @@ Feature stream per model::
       ── map_batches(write_batch)             CPU tasks: one atomic part file per batch and config
       ── summary rows {key, cfg, status, error, actor}   (the driver only counts these)
 
-Hash stream: ``{uri, size, version}`` → :func:`hash_batch` (read, sha256) → :func:`record_hashes`
-(index rows → the store, every result → the run's folder). Descriptor stream: :func:`describe_batch`.
+Descriptor stream: :func:`describe_batch` (decode, describe, publish to the store).
 
 :class:`FeatureStage` is Ray-free (``setup`` loads the model once, ``process`` maps a column batch
 to feature rows) and is unit-testable alone; :class:`FeatureActor` adapts it to ``map_batches``
@@ -36,7 +35,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cdi_ray import storage
 from cdi_ray.pipeline import rows
@@ -69,50 +67,6 @@ TRANSIENT_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
 
 def _part(folder: str) -> str:
     return storage.join(folder, f"part-{uuid.uuid4().hex}.parquet")
-
-
-# ----------------------------------------------------------------------------------------------
-# hash stream: read, sha256 (CPU tasks)
-# ----------------------------------------------------------------------------------------------
-def hash_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``{uri, size, version}`` → the same plus ``content_hash`` and ``error`` (one of them empty)."""
-    from cdi_ray.images import content_hash
-
-    n = len(batch["uri"])
-    hashes = np.full(n, "", dtype=object)
-    errors = np.full(n, "", dtype=object)
-    sizes = np.asarray(batch["size"], dtype=np.int64).copy()
-    for i, uri in enumerate(batch["uri"]):
-        try:
-            data = storage.read_bytes(str(uri))
-            hashes[i], sizes[i] = content_hash(data), len(data)
-        except FileNotFoundError:
-            errors[i] = "missing: the file does not exist"
-        except PermissionError as exc:
-            errors[i] = f"access_denied: {exc}"
-        except Exception as exc:  # noqa: BLE001 — reported per image, retried next run
-            errors[i] = f"unreadable: {type(exc).__name__}: {exc}"
-    return {"uri": batch["uri"], "size": sizes, "version": batch["version"], "content_hash": hashes, "error": errors}
-
-
-def record_hashes(table: pa.Table, *, store_root: str, results_dir: str) -> pa.Table:
-    """Add a batch's hashes to the store's URI → hash index (for later runs) and every result — a
-    hash or why not — to the run's ``results_dir`` (for this run's planning); returns one row of
-    counts ``{hashed, unreadable}``."""
-    from cdi_ray.pipeline.hashing import RESULT_SCHEMA
-    from cdi_ray.pipeline.store import FeatureStore
-
-    failed = pc.not_equal(table.column("error"), "")
-    ok = table.filter(pc.invert(failed))
-    if ok.num_rows:
-        FeatureStore(store_root).add_hashes(ok.select(["uri", "size", "version", "content_hash"]))
-    results = pa.table({
-        "uri": table.column("uri"), "size": table.column("size"), "version": table.column("version"),
-        "content_hash": pc.if_else(failed, pa.scalar(None, pa.string()), table.column("content_hash")),
-        "error": pc.if_else(failed, table.column("error"), pa.scalar(None, pa.string())),
-    }).cast(RESULT_SCHEMA)
-    storage.write_parquet(_part(results_dir), results)
-    return pa.table({"hashed": [ok.num_rows], "unreadable": [table.num_rows - ok.num_rows]})
 
 
 # ----------------------------------------------------------------------------------------------

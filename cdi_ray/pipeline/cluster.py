@@ -4,14 +4,17 @@
 * :func:`call` / :func:`call_many` — run a Ray-free function of the pipeline as a Ray task, so
   that what it holds per image lives on a worker, never on the driver;
 * :func:`aggregator_pool` — the aggregator actors, kept across runs of one driver;
-* :func:`local_progress` — the progress bar of a CLI run on a local Ray.
+* :func:`local_progress` — the progress bar of a CLI run on a local Ray;
+* :func:`prefetch_imports` — import what later stages of the driver need while it waits on Ray.
 
 The Ray Data streams are :mod:`cdi_ray.pipeline.streams`.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 from typing import Callable, Iterable, TypeVar
 
 from cdi_ray import console
@@ -55,6 +58,26 @@ def local_progress(total: int, label: str) -> console.ProgressBar | None:
     if total and _RAY["local"] and console.progress_enabled():
         return console.ProgressBar(total, label)
     return None
+
+
+#: What the driver imports only in later stages: the streams (Ray Data), the verdicts, the reports.
+LATER_IMPORTS = ("ray.data", "cdi_ray.stats", "cdi_ray.report")
+
+
+def prefetch_imports(modules=LATER_IMPORTS) -> threading.Thread:
+    """Import ``modules`` in a background thread: the driver spends the listing, hashing and
+    planning stages waiting on Ray tasks, so the seconds these imports take are not spent later on
+    the critical path. An import that fails here fails again, with its message, where it is used."""
+    def run():
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 — raised again at the real import
+                log.debug("prefetching %s failed", name, exc_info=True)
+
+    thread = threading.Thread(target=run, name="cdi-ray-prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 def one_line(exc: BaseException) -> str:

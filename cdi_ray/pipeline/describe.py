@@ -85,17 +85,24 @@ def describe_model(uri: str, store_root: str, load_options: dict | None = None) 
     return ModelInfo(fingerprint=fp, **known)
 
 
-def describe_models(manifest, names: list[str], store_root: str) -> ModelInfos:
-    """Describe ``names`` (models of ``manifest``) in Ray tasks, all at once; a model that cannot be
-    used fails only the audits on it."""
-    from cdi_ray.pipeline import cluster
+def describe_models(manifest, names: list[str], store_root: str):
+    """Start describing ``names`` (models of ``manifest``) in Ray tasks, all at once; returns a
+    function that waits for them and gives the :class:`ModelInfos` (so that other stages run
+    meanwhile). A model that cannot be used fails only the audits on it."""
+    import ray
 
+    task = ray.remote(num_cpus=1, max_retries=2)(describe_model)
     specs = [manifest.models[n] for n in names]
-    results = cluster.call_many(describe_model, [(s.uri, store_root, dict(s.options)) for s in specs])
-    infos, errors = {}, {}
-    for name, spec, res in zip(names, specs, results):
-        if isinstance(res, BaseException):
-            errors[name] = f"model {name!r} ({spec.uri}) cannot be used: {type(res).__name__}: {res}"
-        else:
-            infos[name] = res
-    return ModelInfos(infos, errors)
+    pending = [task.remote(s.uri, store_root, dict(s.options)) for s in specs]
+
+    def result() -> ModelInfos:
+        infos, errors = {}, {}
+        for name, spec, ref in zip(names, specs, pending):
+            try:
+                infos[name] = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 — fails the audits on this model only
+                cause = getattr(exc, "cause", None) or exc
+                errors[name] = f"model {name!r} ({spec.uri}) cannot be used: {type(cause).__name__}: {cause}"
+        return ModelInfos(infos, errors)
+
+    return result

@@ -7,12 +7,14 @@ shard was indexed) or when the store's URI → hash index has the URI with the s
 version (S3 ETag or local mtime) — so a nightly run reads only new or changed objects.
 
 :func:`images_to_hash` (Ray-free; run in a Ray task) writes the run's distinct URIs that need
-reading to ``<run>/hashing/todo.parquet``; the hash stream (:func:`cdi_ray.pipeline.streams.hash_stream`)
-reads and hashes them, adds them to the store's index and records every result (hash or why
-not) under ``<run>/hashing/results/``, where planning looks first.
+reading to ``<run>/hashing/todo/``, :data:`HASH_CHUNK` a file; one Ray task per file
+(:func:`hash_chunk`, at most :data:`cdi_ray.pipeline.cluster.MAX_IN_FLIGHT` at a time) reads and
+hashes them, adds them to the store's index and records every result (a hash, or why not) under
+``<run>/hashing/results/``, where planning looks first.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -21,6 +23,10 @@ import pyarrow.compute as pc
 from cdi_ray import storage
 from cdi_ray.sources import read_listing
 
+#: Images per hashing task (one index part file each).
+HASH_CHUNK = 1024
+#: Reads in flight inside a hashing task (hashing is I/O-bound: S3 GETs, disk reads).
+HASH_THREADS = 8
 #: Columns of a hash result of this run (a hash, or why the URI could not be read).
 RESULT_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string()),
                            ("content_hash", pa.string()), ("error", pa.string())])
@@ -60,9 +66,9 @@ def with_index(table: pa.Table, index: pa.Table) -> pa.Table:
     return joined.rename_columns([c if c != "_indexed_first" else "indexed_hash" for c in joined.column_names])
 
 
-def images_to_hash(parts: list[str], store_root: str, todo_uri: str, rehash: bool = False) -> dict:
-    """Write the URIs of ``parts`` whose hash is unknown to ``todo_uri``; return the counts
-    ``{listed, index_hits, to_hash, unreadable}``."""
+def images_to_hash(parts: list[str], store_root: str, todo_dir: str, rehash: bool = False) -> dict:
+    """Write the URIs of ``parts`` whose hash is unknown to ``todo_dir`` (:data:`HASH_CHUNK` a file);
+    return the counts ``{listed, index_hits, to_hash, unreadable}`` and ``todo`` (the files)."""
     from cdi_ray.pipeline.store import FeatureStore
 
     images = distinct_images(parts)
@@ -74,21 +80,59 @@ def images_to_hash(parts: list[str], store_root: str, todo_uri: str, rehash: boo
         index = FeatureStore(store_root).hash_index()
     rest = with_index(rest, index)
     todo = rest.filter(pc.is_null(rest.column("indexed_hash"))).select(["uri", "size", "version"]).sort_by("uri")
-    storage.write_parquet(todo_uri, todo)
+    files = []
+    for i, start in enumerate(range(0, todo.num_rows, HASH_CHUNK)):
+        files.append(storage.join(todo_dir, f"part-{i:06d}.parquet"))
+        storage.write_parquet(files[-1], todo.slice(start, HASH_CHUNK))
     n_bad = pc.sum(bad).as_py() or 0
     return {"listed": images.num_rows, "index_hits": images.num_rows - n_bad - todo.num_rows,
-            "to_hash": todo.num_rows, "unreadable": n_bad}
+            "to_hash": todo.num_rows, "unreadable": n_bad, "todo": files}
+
+
+def _read_hash(uri: str) -> tuple[str | None, int | None, str | None]:
+    """``(content hash, size, None)`` of one object, or ``(None, None, why not)``."""
+    from cdi_ray.images import content_hash
+
+    try:
+        data = storage.read_bytes(uri)
+        return content_hash(data), len(data), None
+    except FileNotFoundError:
+        return None, None, "missing: the file does not exist"
+    except PermissionError as exc:
+        return None, None, f"access_denied: {exc}"
+    except Exception as exc:  # noqa: BLE001 — reported per image, retried next run
+        return None, None, f"unreadable: {type(exc).__name__}: {exc}"
+
+
+def hash_chunk(todo: str, store_root: str, results_dir: str) -> tuple[int, int]:
+    """Read and hash one todo file's images (a Ray task); add the hashes to the store's index (for
+    later runs) and every result to ``results_dir`` (for this run's planning). Returns ``(hashed, unreadable)``."""
+    from cdi_ray.pipeline.store import FeatureStore
+
+    table = storage.read_parquet(todo)
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        got = list(pool.map(_read_hash, table.column("uri").to_pylist()))
+    hashes, sizes, errors = (list(c) for c in zip(*got)) if got else ([], [], [])
+    sizes = [s if s is not None else old for s, old in zip(sizes, table.column("size").to_pylist())]
+    results = pa.table([table.column("uri"), pa.array(sizes, pa.int64()), table.column("version"),
+                        pa.array(hashes, pa.string()), pa.array(errors, pa.string())], schema=RESULT_SCHEMA)
+    ok = results.filter(pc.is_valid(results.column("content_hash")))
+    FeatureStore(store_root).add_hashes(ok.select(["uri", "size", "version", "content_hash"]))
+    storage.write_parquet(storage.join(results_dir, storage.basename(todo)), results)
+    return ok.num_rows, results.num_rows - ok.num_rows
 
 
 def hash_images(parts: list[str], store_root: str, run_dir: str, *, rehash: bool = False) -> HashedImages:
     """Stage 3 (see the module docstring) over the listing files ``parts`` of the live audits."""
-    from cdi_ray.pipeline import cluster, streams
+    from cdi_ray.pipeline import cluster
 
     folder = storage.join(run_dir, "hashing")
-    todo, results = storage.join(folder, "todo.parquet"), storage.join(folder, "results")
-    counts = cluster.call(images_to_hash, parts, store_root, todo, rehash)
+    results = storage.join(folder, "results")
+    counts = cluster.call(images_to_hash, parts, store_root, storage.join(folder, "todo"), rehash)
     hashed = unreadable = 0
-    if counts["to_hash"]:
-        hashed, unreadable = streams.hash_stream(todo, counts["to_hash"], store_root, results)
+    for res in cluster.call_many(hash_chunk, [(t, store_root, results) for t in counts["todo"]]):
+        if isinstance(res, BaseException):  # the task itself died: its images stay unhashed (unreadable)
+            raise res
+        hashed, unreadable = hashed + res[0], unreadable + res[1]
     return HashedImages(listed=counts["listed"], index_hits=counts["index_hits"], hashed=hashed,
                         unreadable=counts["unreadable"] + unreadable, results=results, rehash=rehash)

@@ -168,6 +168,32 @@ def audit_models(manifest, audit) -> list[str]:
     return [audit.model] + ([ref] if ref else [])
 
 
+@dataclass(frozen=True)
+class FeatureSetup:
+    """An audit's features under one of its models: the config, its store partition and columns —
+    or why it cannot be built."""
+
+    config: dict | None = None          # FeatureConfig arguments (JSON-safe)
+    key: str | None = None              # store partition (:func:`store_key`)
+    columns: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def feature_setups(manifest) -> dict[tuple[str, str], FeatureSetup]:
+    """``(audit id, model) → FeatureSetup`` for every audit's runs. Per audit, never per image; built
+    where the manifest was validated (the feature registry imports torch, which planning then need not)."""
+    out = {}
+    for a in manifest.audits:
+        for model in audit_models(manifest, a):
+            try:
+                config = manifest.feature_config(a, model)
+                out[(a.id, model)] = FeatureSetup(config.model_dump(mode="json", exclude={"device"}),
+                                                  store_key(config, manifest.models[model]), tuple(config.columns))
+            except Exception as exc:  # noqa: BLE001 — the audit (or its control) fails with the reason
+                out[(a.id, model)] = FeatureSetup(error=str(exc))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. runs: per audit, its test and its reference control's
 # ----------------------------------------------------------------------------------------------
@@ -181,9 +207,10 @@ class _Needs:
         self.configs: dict[str, dict] = {}
         self.columns: dict[str, list[str]] = {}
 
-    def add(self, model: str, fingerprint: str, key: str, config, tables) -> None:
-        self.configs[key] = config.model_dump(mode="json", exclude={"device"})
-        self.columns[key] = list(config.columns)
+    def add(self, model: str, fingerprint: str, setup: FeatureSetup, tables) -> None:
+        key = setup.key
+        self.configs[key] = setup.config
+        self.columns[key] = list(setup.columns)
         self.name_of_fp.setdefault(fingerprint, model)
         for t in tables:
             self.by_name.setdefault((model, key), {})[id(t)] = t
@@ -198,19 +225,17 @@ class FeatureConfigError(ValueError):
     """An audit's feature settings the feature registry refuses."""
 
 
-def _run(manifest, audit, model: str, role: Role, models: ModelInfos, sources: Sources, needs: _Needs):
-    """``(AuditRun, conditioning report, config)`` of one run.
+def _run(manifest, audit, model: str, role: Role, setup: FeatureSetup, models: ModelInfos, sources: Sources,
+         needs: _Needs):
+    """``(AuditRun, conditioning report)`` of one run.
 
     Raises:
         FeatureConfigError: the feature config cannot be built.
         ValueError, OSError: labels the model cannot use, or a label map that cannot be read.
     """
+    if setup.error:
+        raise FeatureConfigError(setup.error)
     spec, info = manifest.models[model], models.infos[model]
-    try:
-        config = manifest.feature_config(audit, model)
-        key = store_key(config, spec)
-    except Exception as exc:  # noqa: BLE001 — the audit (or its control) fails with the reason
-        raise FeatureConfigError(str(exc)) from None
     missing = audit.labels.missing or ("null" if spec.options.get("missing_label") == "null" else "error")
     pid, uid = sources.listings.of_audit[audit.id]
     (p_set, p_keyed, p_rep, p_prob), (u_set, u_keyed, u_rep, u_prob) = (
@@ -218,17 +243,18 @@ def _run(manifest, audit, model: str, role: Role, models: ModelInfos, sources: S
     message = p_prob.add(u_prob).message()
     if message:
         raise ValueError(message)
-    needs.add(model, info.fingerprint, key, config, (p_keyed, u_keyed))
+    needs.add(model, info.fingerprint, setup, (p_keyed, u_keyed))
     report = merge_reports(p_rep, u_rep).to_dict() if p_rep is not None else {"kind": "none"}
-    return AuditRun(role, model, info.fingerprint, key, tuple(config.columns), p_set, u_set), report, config
+    return AuditRun(role, model, info.fingerprint, setup.key, setup.columns, p_set, u_set), report
 
 
-def plan_audit(manifest, audit, models: ModelInfos, sources: Sources, needs: _Needs) -> AuditPlan:
+def plan_audit(manifest, audit, setups: dict, models: ModelInfos, sources: Sources, needs: _Needs) -> AuditPlan:
     """One live audit's runs (its own test, and its reference control's re-run)."""
     from cdi_ray.controls.descriptors import descriptor_key
 
+    setup = setups[(audit.id, audit.model)]
     try:
-        main, report, config = _run(manifest, audit, audit.model, Role.AUDIT, models, sources, needs)
+        main, report = _run(manifest, audit, audit.model, Role.AUDIT, setup, models, sources, needs)
     except FeatureConfigError as exc:
         return AuditPlan(audit.id, audit.model, error=f"invalid feature config: {exc}")
     except (OSError, ValueError) as exc:  # labels the model cannot use: this audit fails alone
@@ -240,7 +266,7 @@ def plan_audit(manifest, audit, models: ModelInfos, sources: Sources, needs: _Ne
             ref_error = models.errors[ref]
         else:
             try:
-                reference = _run(manifest, audit, ref, Role.REFERENCE, models, sources, needs)[0]
+                reference = _run(manifest, audit, ref, Role.REFERENCE, setups[(audit.id, ref)], models, sources, needs)[0]
             except Exception as exc:  # noqa: BLE001 — the control then cannot run, so it fires
                 ref_error = f"invalid feature config for reference {ref!r}: {exc}"
     if audit.calibration == "reference" and reference is None:
@@ -248,8 +274,7 @@ def plan_audit(manifest, audit, models: ModelInfos, sources: Sources, needs: _Ne
                          + (ref_error or "no reference features"))
     dk = descriptor_key(*models.infos[audit.model].geometry) if controls.model_free else None
     return AuditPlan(audit.id, audit.model, main=main, reference=reference, reference_error=ref_error,
-                     descriptor_key=dk, conditioning=report,
-                     feature_config=config.model_dump(mode="json", exclude={"device"}))
+                     descriptor_key=dk, conditioning=report, feature_config=setup.config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,17 +383,19 @@ def plan_descriptors(audits: dict[str, AuditPlan], models: ModelInfos, sources: 
 # the whole plan
 # ----------------------------------------------------------------------------------------------
 def plan_batch(manifest, listings: Listings, models: ModelInfos, hashed: HashedImages, *, store_root: str,
-               run_dir: str) -> BatchPlan:
+               run_dir: str, setups: dict | None = None) -> BatchPlan:
     """Plan every audit of ``manifest`` (see the module docstring); writes the plan's files under
-    ``run_dir`` and ``plan.json``."""
+    ``run_dir`` and ``plan.json``. ``setups``: :func:`feature_setups` (built here when not given)."""
     from cdi_ray.controls.descriptors import descriptor_key
 
+    setups = feature_setups(manifest) if setups is None else setups
     store = FeatureStore(store_root)
     sources, needs = Sources(listings, hashed, store, run_dir), _Needs()
     audits = {}
     for a in manifest.audits:
         error = listings.error(a.id) or models.errors.get(a.model)
-        audits[a.id] = AuditPlan(a.id, a.model, error=error) if error else plan_audit(manifest, a, models, sources, needs)
+        audits[a.id] = AuditPlan(a.id, a.model, error=error) if error else plan_audit(manifest, a, setups, models,
+                                                                                     sources, needs)
     descriptors, missing = plan_descriptors(audits, models, sources, store, run_dir)
     tables = {needs.name_of_fp[fp]: work_table(fp, per_config, store) for fp, per_config in needs.by_fp.items()}
     claimed = {dk: pa.array([], pa.string()) for dk in missing}

@@ -35,7 +35,7 @@ from cdi_ray.pipeline.compute import MAX_CONCURRENT_MODELS, FeatureCounts, compu
 from cdi_ray.pipeline.describe import ModelInfos, describe_models
 from cdi_ray.pipeline.hashing import HashedImages, hash_images
 from cdi_ray.pipeline.listing import Listings, list_sources
-from cdi_ray.pipeline.plan import BatchPlan, audit_models, plan_batch
+from cdi_ray.pipeline.plan import BatchPlan, audit_models, feature_setups, plan_batch
 from cdi_ray.pipeline.results import BatchResult, collect_results, write_outputs
 from cdi_ray.spec import Manifest
 
@@ -78,20 +78,22 @@ class Run:
 
 
 def _plan(manifest: Manifest, run: Run, rehash: bool) -> tuple[Listings, ModelInfos, HashedImages, BatchPlan]:
-    """Steps 1–4."""
+    """Steps 1–4 (the models are described while the sources are listed and hashed)."""
+    describing = describe_models(manifest, sorted({m for a in manifest.audits for m in audit_models(manifest, a)}),
+                                 run.store)                                                        # 2 (started)
     listings = list_sources(manifest.audits, run.folder, run.store)                               # 1
     run.lap("list")
-    live = [a for a in manifest.audits if not listings.error(a.id)]
-    models = describe_models(manifest, sorted({m for a in live for m in audit_models(manifest, a)}), run.store)  # 2
-    run.lap("describe_models")
-    live = [a for a in live if a.model not in models.errors]
-    parts = [p for sid in dict.fromkeys(s for a in live for s in listings.of_audit[a.id])
+    listed = [a for a in manifest.audits if not listings.error(a.id)]
+    parts = [p for sid in dict.fromkeys(s for a in listed for s in listings.of_audit[a.id])
              for p in listings.sources[sid].parts]
     hashed = hash_images(parts, run.store, run.folder, rehash=rehash)                              # 3
     run.lap("hash")
     log.info("%d distinct image URIs: %d hashes from the index, %d read, %d unreadable",
              hashed.listed, hashed.index_hits, hashed.hashed, hashed.unreadable)
-    plan = cluster.call(plan_batch, manifest, listings, models, hashed, store_root=run.store, run_dir=run.folder)  # 4
+    models = describing()                                                                          # 2
+    run.lap("describe_models")
+    plan = cluster.call(plan_batch, manifest, listings, models, hashed, store_root=run.store, run_dir=run.folder,  # 4
+                        setups=feature_setups(manifest))
     run.lap("plan")
     return listings, models, hashed, plan
 
@@ -129,6 +131,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     """
     run = Run.of(manifest, out, feature_store)
     cluster.ensure_ray()
+    cluster.prefetch_imports()
     listings, models, hashed, plan = _plan(manifest, run, rehash)                                  # 1–4
     start_aggregators(plan, max_aggregators)
     features: FeatureCounts = compute_features(plan, manifest, run.store,                          # 5

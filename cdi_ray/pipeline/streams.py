@@ -1,11 +1,9 @@
-"""The Ray Data streams: hashing, one feature stream per model, descriptors.
+"""The Ray Data streams: one feature stream per model, and the descriptors left over.
 
 Each stream reads a Parquet file of the run's folder (never a list built in the driver), runs
 the stages of :mod:`cdi_ray.pipeline.actors` as Ray Data operators, and returns only counters to
 the driver — the rows themselves go to the feature store or the run's folder.
 
-* :func:`hash_stream` — ``todo.parquet`` → read, sha256 (CPU tasks) → the store's URI → hash
-  index and the run's hash results;
 * :func:`feature_stream` — a model's work file → decode (CPU tasks) → ``FeatureActor`` pool
   (``ActorPoolStrategy(min, max)``, ``num_gpus`` from the manifest; the model is loaded once per
   actor) → one atomic part file per batch and config in the store;
@@ -18,10 +16,6 @@ from dataclasses import dataclass, field
 
 from cdi_ray import console
 
-#: Images per hashing task call: enough to amortise a task's overhead (hashing is I/O-bound).
-HASH_BATCH = 256
-#: Hash results per index part file (the store's index grows by one file per this many images).
-INDEX_WRITE_BATCH = 16384
 #: Images per decoding task call: a batch of decoded 512×512×3 float32 images stays ~200 MB.
 DECODE_BATCH = 64
 #: Rows per feature-store part file at most (features are ~26 floats a row: 4096 rows ≈ 1 MB).
@@ -61,20 +55,6 @@ def _read(uri: str, n: int):
     import ray
 
     return ray.data.read_parquet(uri).repartition(_blocks(n))
-
-
-def hash_stream(todo: str, n: int, store_root: str, results_dir: str) -> tuple[int, int]:
-    """Hash the ``n`` URIs of ``todo``; returns ``(hashed, unreadable)``."""
-    from cdi_ray.pipeline.actors import hash_batch, record_hashes
-
-    ds = _read(todo, n).map_batches(hash_batch, batch_size=HASH_BATCH, batch_format="numpy")
-    ds = ds.map_batches(record_hashes, batch_size=INDEX_WRITE_BATCH, batch_format="pyarrow",
-                        fn_kwargs={"store_root": store_root, "results_dir": results_dir})
-    hashed = unreadable = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        hashed += sum(batch.column("hashed").to_pylist())
-        unreadable += sum(batch.column("unreadable").to_pylist())
-    return hashed, unreadable
 
 
 def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
