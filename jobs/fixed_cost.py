@@ -48,15 +48,54 @@ def prepare(work: Path, n: int, preset: str) -> tuple[Path, Path]:
     return manifest, images
 
 
-def timed(cmd: list[str], threads: int) -> float:
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _processes() -> dict[int, tuple[int, float]]:
+    """``pid → (parent pid, CPU seconds so far)`` of every process (from /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+    return out
+
+
+def timed(cmd: list[str], threads: int, interval: float = 0.2) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of the whole process tree)`` of one command. The CPU clock sums
+    every descendant — a local Ray's daemons, workers and actors included — sampled from /proc every
+    ``interval`` s (a process that ends between two samples loses at most that much)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
+    seen: dict[int, float] = {}
+    tree = {proc.pid}
+    while proc.poll() is None:
+        procs = _processes()
+        grew = True
+        while grew:
+            grew = False
+            for pid, (ppid, _) in procs.items():
+                if ppid in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        for pid in tree:
+            if pid in procs:
+                seen[pid] = max(seen.get(pid, 0.0), procs[pid][1])
+        time.sleep(interval)
     seconds = time.perf_counter() - t0
+    log.seek(0)
+    stderr = log.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return seconds
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return seconds, sum(seen.values())
 
 
 def main(argv=None) -> dict:
@@ -77,14 +116,20 @@ def main(argv=None) -> dict:
         feats = [sys.executable, "-m", "cdi_ray", "features", "--model", str(demo_model_dir("easy")), "--images",
                  str(images), "--preset", args.preset, "--out", str(work / f"features-{i}.parquet")]
         order = [("audit", audit), ("features", feats)] if i % 2 == 0 else [("features", feats), ("audit", audit)]
-        walls = {name: timed(cmd, args.threads) for name, cmd in order}
+        got = {name: timed(cmd, args.threads) for name, cmd in order}
+        walls = {name: wall for name, (wall, _) in got.items()}
         walls["fixed_cost"] = walls["audit"] - walls["features"]
+        cpu = {f"{name}_cpu": c for name, (_, c) in got.items()}
+        cpu["fixed_cost_cpu"] = cpu["audit_cpu"] - cpu["features_cpu"]
         run = json.loads((work / f"audit-{i}" / "results.json").read_text())["run"]
-        pairs.append({**walls, "run_seconds": run["seconds"], "timings": run["timings"]})
-        print(json.dumps({"pair": i, **{k: round(v, 2) for k, v in walls.items()}, "run_seconds": run["seconds"],
+        pairs.append({**walls, **cpu, "load_average": os.getloadavg()[0], "run_seconds": run["seconds"],
+                      "timings": run["timings"]})
+        print(json.dumps({"pair": i, **{k: round(v, 2) for k, v in {**walls, **cpu}.items()},
+                          "load": round(os.getloadavg()[0], 1), "run_seconds": run["seconds"],
                           "timings": run["timings"]}), flush=True)
     out = {"n_per_side": args.n, "preset": args.preset, "threads": args.threads, "pairs": pairs,
-           "median": {k: round(statistics.median(p[k] for p in pairs), 2) for k in ("audit", "features", "fixed_cost")},
+           "median": {k: round(statistics.median(p[k] for p in pairs), 2)
+                      for k in ("audit", "features", "fixed_cost", "audit_cpu", "features_cpu", "fixed_cost_cpu")},
            "load_average": os.getloadavg()}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -157,6 +157,24 @@ def test_batch_dedup_reuse_and_crash_safety(ray_local, models, data, tmp_path):
     assert comparable(json.loads((out / "results.json").read_text())) == comparable(res)
 
 
+def test_plan_only_says_what_a_run_would_compute_and_computes_nothing(ray_local, models, data, tmp_path, capsys):
+    from cdi_ray.cli import EXIT_PARTIAL, main
+
+    out = tmp_path / "out"
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(manifest_dict(models, data, out)))
+    assert main(["plan", str(path)]) == EXIT_PARTIAL  # a4 (unlisted source) and a6 (not a model) cannot run
+    text = capsys.readouterr().out
+    assert "a4: cannot list sources" in text and "a6: model 'm3'" in text and "69 to compute" in text
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    assert plan["to_compute"] == 69 and sorted(plan["models"]) == ["m1", "m2"]
+    assert not list((out / "features").glob("model=*"))  # nothing computed, nothing stored
+    # the plan was right: the run computes (or finds undecodable) exactly those rows, and then nothing is left
+    b = run_manifest(parse_manifest(manifest_dict(models, data, out)))
+    assert b.run["features"]["computed"] + b.run["features"]["decode_errors"] == 69 and b.run["images"]["hashed"] == 0
+    assert main(["plan", str(path)]) == EXIT_PARTIAL and "0 to compute" in capsys.readouterr().out
+
+
 def test_nightly_computes_only_new_images_and_diffs(ray_local, models, data, tmp_path):
     root = tmp_path / "nightly"
     p = tmp_path / "p"
