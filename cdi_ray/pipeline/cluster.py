@@ -5,7 +5,8 @@
   that what it holds per image lives on a worker, never on the driver;
 * :func:`aggregator_pool` — the aggregator actors, kept across runs of one driver;
 * :func:`local_progress` — the progress bar of a CLI run on a local Ray;
-* :func:`prefetch_imports` — import what later stages of the driver need while it waits on Ray.
+* :func:`prefetch_imports` — import what later stages of the driver need while it waits on Ray;
+* :func:`exit_process` — how a command-line process ends: Ray stopped, output flushed, no teardown.
 
 The Ray Data streams are :mod:`cdi_ray.pipeline.streams`.
 """
@@ -51,6 +52,24 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
                  logging_level=level)
     console.quiet_ray(local=not address)
     _RAY["local"] = not address
+
+
+def exit_process(code: int) -> None:
+    """End a command-line process (``jobs/*.py``, ``python -m cdi_ray``) now: stop the Ray it
+    started, flush the output and logs, and exit without the interpreter's teardown, which takes
+    seconds once torch and Ray Data are loaded (module by module, thread by thread) and does
+    nothing a finished command needs."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def local_progress(total: int, label: str) -> console.ProgressBar | None:
