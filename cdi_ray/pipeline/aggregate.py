@@ -7,6 +7,10 @@ the report payload), the largest first. Back here, a reference run's result beco
 reference-model control (:func:`cdi_ray.controls.reference_control`); a run that could not be
 made (its model, its stream, its features) makes that control fire.
 
+A small batch (:data:`DRIVER_AGGREGATION_IMAGES` images in all its runs) is aggregated in the
+driver instead, by the same :class:`~cdi_ray.pipeline.aggregator.AuditAggregator`: the driver has
+the statistics loaded already, and an actor's start-up and imports would cost more than the tests.
+
 The default procedure's permutation cap is raised so that the batch's multiple-testing control
 can resolve its smallest threshold (:func:`batch_max_permutations`).
 """
@@ -16,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from cdi_ray.pipeline import cluster
-from cdi_ray.pipeline.aggregator import AuditOutcome, AuditTask
+from cdi_ray.pipeline.aggregator import AuditAggregator, AuditOutcome, AuditTask
 from cdi_ray.pipeline.compute import FeatureCounts
 from cdi_ray.pipeline.plan import AuditPlan, AuditRun, BatchPlan, Role
 
@@ -25,6 +29,9 @@ MAX_AGGREGATORS = 4
 #: One more aggregator per this many audits (a test takes ~10 ms on small sets; an actor's
 #: start-up and imports take seconds).
 AUDITS_PER_AGGREGATOR = 64
+#: Batches whose runs hold at most this many images in all are aggregated in the driver (their
+#: feature matrices are a few MB at most: 10,000 × 26 floats).
+DRIVER_AGGREGATION_IMAGES = 10_000
 #: Upper bound of the permutation cap raised for a batch's FDR control (see batch_max_permutations):
 #: 200,000 resolves BH at q = 0.05 over 5,000 audits; a permutation of a 20k+20k audit costs ~1 ms,
 #: and only audits with overwhelming evidence run to the cap (the others stop after h exceedances).
@@ -73,11 +80,21 @@ def test_options(test, cap: int | None) -> dict:
 test_options.__test__ = False  # not a pytest test
 
 
+def _runs(plan: BatchPlan) -> list[AuditRun]:
+    return [r for a in plan.audits.values() for r in (a.main, a.reference) if r is not None]
+
+
+def in_driver(plan: BatchPlan) -> bool:
+    """Whether the batch is small enough to aggregate in the driver."""
+    return sum(r.images for r in _runs(plan)) <= DRIVER_AGGREGATION_IMAGES
+
+
 def start_aggregators(plan: BatchPlan, max_aggregators: int = MAX_AGGREGATORS) -> None:
     """Start the aggregator actors now and let them import the statistics stack, so that their
-    start-up overlaps the feature computation instead of following it."""
+    start-up overlaps the feature computation instead of following it (not for a batch
+    aggregated in the driver)."""
     runs = [a.main for a in plan.audits.values() if a.main is not None]
-    if runs:
+    if runs and not in_driver(plan):
         groups = len({(r.fingerprint, r.feature_key) for r in runs})
         for actor in cluster.aggregator_pool(min(max_aggregators, groups, -(-len(runs) // AUDITS_PER_AGGREGATOR))):
             actor.warm_up.remote()
@@ -126,7 +143,11 @@ def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: st
             groups.setdefault(group, []).append(_task(a, ap, run, manifest, test_options(a.test, cap)))
             columns[group] = list(run.columns)
     outcomes: dict[tuple[str, Role], AuditOutcome] = {}
-    if groups:
+    if groups and in_driver(plan):
+        for (fp, key), tasks in groups.items():
+            for o in AuditAggregator().run_tasks(store_root, fp, key, columns[(fp, key)], tasks, plan.transient_dir):
+                outcomes[(o.audit_id, o.role)] = o
+    elif groups:
         n_tasks = sum(len(t) for t in groups.values())
         actors = cluster.aggregator_pool(min(max_aggregators, len(groups), -(-n_tasks // AUDITS_PER_AGGREGATOR)))
         order = sorted(groups, key=lambda g: -len(groups[g]))

@@ -69,6 +69,7 @@ class AuditRun:
     columns: tuple[str, ...]
     published: ImageSet
     unpublished: ImageSet
+    images: int = 0  # usable images on both sides (what aggregating the run holds)
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,8 @@ def _run(manifest, audit, model: str, role: Role, setup: FeatureSetup, models: M
         raise ValueError(message)
     needs.add(model, info.fingerprint, setup, (p_keyed, u_keyed))
     report = merge_reports(p_rep, u_rep).to_dict() if p_rep is not None else {"kind": "none"}
-    return AuditRun(role, model, info.fingerprint, setup.key, setup.columns, p_set, u_set), report
+    return AuditRun(role, model, info.fingerprint, setup.key, setup.columns, p_set, u_set,
+                    p_keyed.num_rows + u_keyed.num_rows), report
 
 
 def plan_audit(manifest, audit, setups: dict, models: ModelInfos, sources: Sources, needs: _Needs) -> AuditPlan:
