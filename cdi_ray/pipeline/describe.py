@@ -7,11 +7,10 @@ model once; the description is cached in the store by fingerprint and load optio
 model is loaded for this at most once per store (the fingerprint itself hashes the weights,
 cached per process by file size and mtime).
 
-Models are described while the sources are listed and hashed (:func:`describe_models` returns a
-function that waits for them). An ``s3://`` model is described in a Ray task, so it is fetched on a
-worker node, where the actors will find it in the node cache; a local model in a thread of the
-driver, which has the model stack imported already (validating the manifest's feature configs
-needs it) — a worker would import it again, seconds of CPU, for a one-off.
+Each model is described in a Ray task, never on the driver — the driver then neither loads a
+model (gigabytes for a large one) nor imports the model stack — and an ``s3://`` model is fetched
+on a worker node, where the actors will find it in the node cache. The tasks run while the
+sources are listed and hashed (:func:`describe_models` returns a function that waits for them).
 """
 from __future__ import annotations
 
@@ -90,27 +89,20 @@ def describe_model(uri: str, store_root: str, load_options: dict | None = None) 
 
 
 def describe_models(manifest, names: list[str], store_root: str):
-    """Start describing ``names`` (models of ``manifest``); returns a function that waits for them
-    and gives the :class:`ModelInfos`, so that other stages run meanwhile. A model that cannot be
-    used fails only the audits on it."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
+    """Start describing ``names`` (models of ``manifest``) in Ray tasks; returns a function that
+    waits for them and gives the :class:`ModelInfos`, so that other stages run meanwhile. A model
+    that cannot be used fails only the audits on it."""
     import ray
-
-    from cdi_ray import storage
 
     task = ray.remote(num_cpus=1, max_retries=2)(describe_model)
     specs = [manifest.models[n] for n in names]
-    local = ThreadPoolExecutor(1, thread_name_prefix="cdi-ray-describe")
-    pending = [task.remote(s.uri, store_root, dict(s.options)) if storage.is_remote(s.uri)
-               else local.submit(describe_model, s.uri, store_root, dict(s.options)) for s in specs]
-    local.shutdown(wait=False)
+    pending = [task.remote(s.uri, store_root, dict(s.options)) for s in specs]
 
     def result() -> ModelInfos:
         infos, errors = {}, {}
-        for name, spec, handle in zip(names, specs, pending):
+        for name, spec, ref in zip(names, specs, pending):
             try:
-                infos[name] = handle.result() if isinstance(handle, Future) else ray.get(handle)
+                infos[name] = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 — fails the audits on this model only
                 cause = getattr(exc, "cause", None) or exc
                 errors[name] = f"model {name!r} ({spec.uri}) cannot be used: {type(cause).__name__}: {cause}"

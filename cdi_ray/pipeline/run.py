@@ -3,21 +3,22 @@
 Read top to bottom, :func:`run_manifest` is the data flow; each stage takes and returns a typed
 record and lives in a module of its own:
 
-====  ============================  =================================  ===================
-step  stage                         module                             record
-====  ============================  =================================  ===================
-1     list sources (+ index shards)  :mod:`~cdi_ray.pipeline.listing`   :class:`Listings`
-2     describe models                :mod:`~cdi_ray.pipeline.describe`  :class:`ModelInfos`
-3     hash images                    :mod:`~cdi_ray.pipeline.hashing`   :class:`HashedImages`
-4     plan (Ray-free)                :mod:`~cdi_ray.pipeline.plan`      :class:`BatchPlan`
-5     compute features, descriptors  :mod:`~cdi_ray.pipeline.compute`   :class:`FeatureCounts`
-6     aggregate (tests, controls)    :mod:`~cdi_ray.pipeline.aggregate` :class:`AuditOutcomes`
-7     results, reports               :mod:`~cdi_ray.pipeline.results`   :class:`BatchResult`
-====  ============================  =================================  ===================
+====  ==============================  ==================================  ====================
+step  stage                           module                              record
+====  ==============================  ==================================  ====================
+1     list sources (+ index shards)   :mod:`~cdi_ray.pipeline.listing`    :class:`Listings`
+2     describe models                 :mod:`~cdi_ray.pipeline.describe`   :class:`ModelInfos`
+3     hash images                     :mod:`~cdi_ray.pipeline.hashing`    :class:`HashedImages`
+4     plan (Ray-free)                 :mod:`~cdi_ray.pipeline.plan`       :class:`BatchPlan`
+5     compute features, descriptors   :mod:`~cdi_ray.pipeline.compute`    :class:`FeatureCounts`
+6     aggregate (tests, controls)     :mod:`~cdi_ray.pipeline.aggregate`  :class:`AuditOutcomes`
+7     results, reports                :mod:`~cdi_ray.pipeline.results`    :class:`BatchResult`
+====  ==============================  ==================================  ====================
 
-Per-image work never runs in the driver: listing, hashing and planning run in Ray tasks and Ray
-Data streams and hand each other Parquet files in the run's folder (``<output>/plan/``); the
-driver holds per-audit and per-model state only, so its memory does not grow with the images.
+Per-image work never runs in the driver: listing, hashing and planning run in Ray tasks, the
+features in Ray Data streams, and they hand each other Parquet files in the run's folder
+(``<output>/plan/``); the driver holds per-audit and per-model state only, so its memory does not
+grow with the images (a batch small enough is aggregated in the driver: a few MB at most).
 :func:`plan_manifest` runs steps 1–4 and stops: what would be computed, how much, on which models.
 """
 from __future__ import annotations
