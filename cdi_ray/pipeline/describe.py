@@ -11,15 +11,23 @@ Each model is described in a Ray task, never on the driver — the driver then n
 model (gigabytes for a large one) nor imports the model stack — and an ``s3://`` model is fetched
 on a worker node, where the actors will find it in the node cache. The tasks run while the
 sources are listed and hashed (:func:`describe_models` returns a function that waits for them).
+
+A local model's description is also kept in a node cache (``$CDI_RAY_CACHE/descriptions/``), keyed
+by what ``stat`` says of its files (path, size, mtime) and the load options: a later run on the
+node — a new output folder, so a new store — knows the model without a task, without hashing its
+weights. A model rewritten since is a new key; one rewritten with its sizes and times forged is
+caught where it is loaded (the feature actor checks the planned fingerprint).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 
-from cdi_ray.pipeline.model_cache import materialize_model
+from cdi_ray import storage
+from cdi_ray.pipeline.model_cache import cache_root, materialize_model
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +96,73 @@ def describe_model(uri: str, store_root: str, load_options: dict | None = None) 
     return ModelInfo(fingerprint=fp, **known)
 
 
+def _node_cache_file(uri: str, load_options: dict) -> str | None:
+    """Where the node cache keeps a local model's description (None for ``s3://`` or a missing folder)."""
+    if storage.is_remote(uri) or not os.path.isdir(storage.local_path(uri)):
+        return None
+    root = storage.local_path(uri)
+    files = []
+    try:
+        for dirpath, dirnames, names in os.walk(root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(n for n in names if not n.startswith(".")):
+                st = os.stat(os.path.join(dirpath, name))
+                files.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns))
+    except OSError:  # e.g. a dangling link: no cache, the task says what is wrong
+        return None
+    if not files:
+        return None
+    key = json.dumps([DESCRIPTION_VERSION, root, files, load_options], sort_keys=True, default=str)
+    return os.path.join(os.path.dirname(cache_root()), "descriptions", hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+
+#: Bump when :class:`ModelInfo` or how it is learnt changes (old node-cache entries are then ignored).
+DESCRIPTION_VERSION = 1
+
+
+def _cached(path: str | None) -> ModelInfo | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return ModelInfo(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _remember(path: str | None, info: ModelInfo) -> None:
+    if path is None:
+        return
+    try:
+        storage.atomic_write_bytes(path, json.dumps(info.to_dict(), sort_keys=True).encode())
+    except OSError as exc:  # the cache is an optimisation: a read-only home still works
+        log.debug("cannot cache the description in %s: %s", path, exc)
+
+
 def describe_models(manifest, names: list[str], store_root: str):
-    """Start describing ``names`` (models of ``manifest``) in Ray tasks; returns a function that
-    waits for them and gives the :class:`ModelInfos`, so that other stages run meanwhile. A model
-    that cannot be used fails only the audits on it."""
+    """Start describing ``names`` (models of ``manifest``) — from the node cache, else in Ray tasks;
+    returns a function that waits for them and gives the :class:`ModelInfos`, so that other stages
+    run meanwhile. A model that cannot be used fails only the audits on it."""
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=2)(describe_model)
     specs = [manifest.models[n] for n in names]
-    pending = [task.remote(s.uri, store_root, dict(s.options)) for s in specs]
+    caches = [_node_cache_file(s.uri, dict(s.options)) for s in specs]
+    pending = [_cached(c) or task.remote(s.uri, store_root, dict(s.options)) for s, c in zip(specs, caches)]
 
     def result() -> ModelInfos:
         infos, errors = {}, {}
-        for name, spec, ref in zip(names, specs, pending):
+        for name, spec, cache, handle in zip(names, specs, caches, pending):
+            if isinstance(handle, ModelInfo):
+                infos[name] = handle
+                continue
             try:
-                infos[name] = ray.get(ref)
+                infos[name] = ray.get(handle)
             except Exception as exc:  # noqa: BLE001 — fails the audits on this model only
                 cause = getattr(exc, "cause", None) or exc
                 errors[name] = f"model {name!r} ({spec.uri}) cannot be used: {type(cause).__name__}: {cause}"
+                continue
+            _remember(cache, infos[name])
         return ModelInfos(infos, errors)
 
     return result
