@@ -1,4 +1,5 @@
-"""jobs/bench_job.py runs and its table has the expected rows (tiny models and counts; no timings checked)."""
+"""jobs/benchmark.py (its sections in jobs/bench/) runs and its table has the expected rows
+(tiny models and counts; no timings checked)."""
 from __future__ import annotations
 
 import importlib.util
