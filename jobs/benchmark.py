@@ -14,7 +14,7 @@ and prints one table (docs/PERFORMANCE.md records a full run):
                  process: time ratio, feature-actor (= model load) count, driver peak memory;
 6. ``stats``   — the default test on 20,000 + 20,000 × 26 (jobs/calibration.py's benchmark);
 7. ``shards``  — small files vs tar vs Parquet shards from S3 (moto), the same images
-                 (:func:`cdi_ray.pipeline.bench_sources.bench_sources`; docs/PIPELINE.md).
+                 (:func:`jobs.bench.s3_layouts.bench_sources`; docs/PIPELINE.md).
 
     python jobs/benchmark.py                          # the full run (16 min on an idle 2-core machine)
     python jobs/benchmark.py --quick                  # development: small counts, ~5 min

@@ -22,9 +22,10 @@ import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
-#: Where each checked tree's imports must be declared: the package and the jobs need the
-#: install's own dependencies; the tests may also use the ``test`` extra.
-TREES = {"cdi_ray": (), "jobs": (), "tests": ("test",)}
+#: Where each checked tree's imports must be declared: the package needs the install's own
+#: dependencies; the jobs may also use the ``bench`` extra (a local S3 server for the benchmark),
+#: the tests the ``test`` extra.
+TREES = {"cdi_ray": (), "jobs": ("bench",), "tests": ("test",)}
 
 
 def normalize(name: str) -> str:
@@ -90,7 +91,7 @@ def first_party(root: Path) -> set[str]:
     """The repository's own importable names: top-level packages/modules and every module in
     the checked trees (jobs and tests import their siblings by bare name)."""
     names = {p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    names |= {p.stem for p in root.glob("*.py")}
+    names |= {p.stem for p in root.glob("*.py")} | set(TREES)  # jobs/ is a namespace package
     for tree in TREES:
         names |= {p.stem for p in (root / tree).rglob("*.py")}
         names |= {p.name for p in (root / tree).rglob("*") if p.is_dir()}
@@ -113,7 +114,8 @@ def undeclared_imports(root: Path, pyproject: dict) -> list[Undeclared]:
                     problems[module] = Undeclared(module, rel, "no installed distribution provides it; declare the "
                                                                "distribution in pyproject.toml")
                 elif not dists & allowed:
-                    where = "[project.optional-dependencies] test" if extras else "[project] dependencies"
+                    where = (f"[project.optional-dependencies] {' or '.join(extras)}" if extras
+                             else "[project] dependencies")
                     problems[module] = Undeclared(module, rel, f"provided by {', '.join(sorted(dists))}, which "
                                                                f"pyproject.toml does not declare: add it to {where}")
     return list(problems.values())

@@ -25,7 +25,7 @@ def moto_server():
     """A moto S3 server on 127.0.0.1 for this process and the Ray workers it starts (so it must
     start before Ray: workers inherit the environment Ray was started with)."""
     from cdi_ray import storage
-    from cdi_ray.pipeline.bench_sources import moto_endpoint
+    from jobs.bench.s3_layouts import moto_endpoint
 
     with moto_endpoint() as endpoint:
         env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark",

@@ -1,5 +1,5 @@
 """Section ``shards``: small files vs tar vs Parquet shards from S3 (moto), the same images
-(:func:`cdi_ray.pipeline.bench_sources.bench_sources`; docs/PIPELINE.md)."""
+(:func:`jobs.bench.s3_layouts.bench_sources`; docs/PIPELINE.md)."""
 from __future__ import annotations
 
 from jobs.bench.models import Bench
@@ -7,7 +7,7 @@ from jobs.bench.table import Row
 
 
 def section_shards(bench: Bench, args, state: dict) -> list[Row]:
-    from cdi_ray.pipeline.bench_sources import bench_sources
+    from jobs.bench.s3_layouts import bench_sources
 
     result = bench_sources(n_images=args.e2e_images)
     return [Row("shards", f"{kind}: images/s from S3 ({r['objects']} objects)", f"{r['images_per_s']:.1f}")
