@@ -11,6 +11,7 @@ plain ``diffusers`` requirement does not.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata as md
 import re
 import sys
@@ -42,6 +43,15 @@ class Undeclared:
         return f"{self.module} (imported in {self.file}): {self.why}"
 
 
+@functools.lru_cache(maxsize=None)
+def requires_of(distribution: str) -> tuple[str, ...] | None:
+    """The installed ``distribution``'s own requirements (``None``: not installed)."""
+    try:
+        return tuple(md.requires(distribution) or ())
+    except md.PackageNotFoundError:
+        return None
+
+
 def reachable(requirements: list[str], extras: tuple[str, ...] = ()) -> set[str]:
     """Normalised names of the distributions that installing ``requirements`` pulls in, following
     each requirement's own extras (and markers) but no extra nobody asked for."""
@@ -58,9 +68,8 @@ def reachable(requirements: list[str], extras: tuple[str, ...] = ()) -> set[str]
             continue
         new = wanted - done
         done |= new
-        try:
-            requires = md.requires(name) or []
-        except md.PackageNotFoundError:
+        requires = requires_of(name)
+        if requires is None:
             continue
         for extra in new:
             todo += [(Requirement(r), extra) for r in requires]
@@ -75,7 +84,8 @@ def declared(pyproject: dict, extras: tuple[str, ...]) -> set[str]:
     return reachable(requirements) | {normalize(project["name"])}
 
 
-def imported_modules(path: Path) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def imported_modules(path: Path) -> frozenset[str]:
     """Top-level names of every absolute import in ``path``, at any depth."""
     tree = ast.parse(path.read_text(), str(path))
     names: set[str] = set()
@@ -84,7 +94,7 @@ def imported_modules(path: Path) -> set[str]:
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
-    return names
+    return frozenset(names)
 
 
 def first_party(root: Path) -> set[str]:
@@ -98,8 +108,13 @@ def first_party(root: Path) -> set[str]:
     return names
 
 
+@functools.lru_cache(maxsize=None)
+def providers() -> dict[str, set[str]]:
+    """Top-level module → the installed distributions that provide it."""
+    return {module: {normalize(d) for d in dists} for module, dists in md.packages_distributions().items()}
+
+
 def undeclared_imports(root: Path, pyproject: dict) -> list[Undeclared]:
-    providers = {module: {normalize(d) for d in dists} for module, dists in md.packages_distributions().items()}
     own = first_party(root)
     problems: dict[str, Undeclared] = {}
     for tree, extras in TREES.items():
@@ -109,7 +124,7 @@ def undeclared_imports(root: Path, pyproject: dict) -> list[Undeclared]:
             for module in sorted(imported_modules(path)):
                 if module in sys.stdlib_module_names or module in own or module == "__future__" or module in problems:
                     continue
-                dists = providers.get(module)
+                dists = providers().get(module)
                 if not dists:
                     problems[module] = Undeclared(module, rel, "no installed distribution provides it; declare the "
                                                                "distribution in pyproject.toml")
