@@ -8,7 +8,7 @@ Layers (see docs/ARCHITECTURE.md):
   method   — models/, features/, stats/, controls/, images.py, seeding.py, spec/, sources/,
              storage.py, conditioning.py: plain PyTorch/NumPy/pyarrow, no Ray
   pipeline — pipeline/: the stages on Ray (listing, hashing, planning, streams, aggregation, results)
-  surface  — api.py, cli.py, report.py, jobs/
+  surface  — api.py, cli.py, report/, jobs/
 """
 from __future__ import annotations
 

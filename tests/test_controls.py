@@ -227,13 +227,6 @@ def test_reference_calibration_needs_a_reference_model():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _write(folder, images):
@@ -242,7 +235,7 @@ def _write(folder, images):
         Image.fromarray(x).save(folder / f"{i:04d}.png")
 
 
-def test_pipeline_class_shift_is_inconclusive_never_used(ray_local, tiny_pixel_dir, bundle, tmp_path):
+def test_pipeline_class_shift_is_inconclusive_never_used(ray_session, tiny_pixel_dir, bundle, tmp_path):
     """Held-out classes 0–4 as P against held-out classes 5–9 as U on a model that saw neither:
     the guarded audit is inconclusive (naming the descriptors); with the guard off the same audit
     goes unguarded. Features first computed with controls off, so the descriptors come from the

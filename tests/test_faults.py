@@ -37,13 +37,6 @@ ROWS = 2 * 2 * N  # feature rows of a whole run: 2 models × (P + U)
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     write_images(root / "p", N, seed=21)
@@ -71,7 +64,7 @@ def entries(results: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def undisturbed(ray_local, models, data, tmp_path_factory):
+def undisturbed(ray_session, models, data, tmp_path_factory):
     from cdi_ray.pipeline.run import run_manifest
     from cdi_ray.spec import parse_manifest
 
@@ -142,7 +135,7 @@ def wait_for(cond, timeout: float = 120.0, what: str = ""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_feature_actor_job_completes_with_identical_results(ray_local, undisturbed, models, data, tmp_path,
+def test_killed_feature_actor_job_completes_with_identical_results(ray_session, undisturbed, models, data, tmp_path,
                                                                    monkeypatch):
     from cdi_ray.pipeline.run import run_manifest
     from cdi_ray.spec import parse_manifest
@@ -168,7 +161,7 @@ def test_killed_feature_actor_job_completes_with_identical_results(ray_local, un
 
 
 # ---------------------------------------------------------------------------------------------- killed driver
-def test_killed_driver_rerun_resumes_from_the_store(ray_local, undisturbed, models, data, tmp_path):
+def test_killed_driver_rerun_resumes_from_the_store(ray_session, undisturbed, models, data, tmp_path):
     out = tmp_path / "out"
     man = tmp_path / "manifest.yaml"
     man.write_text(yaml.safe_dump(manifest(models, data, out)))
@@ -179,7 +172,7 @@ def test_killed_driver_rerun_resumes_from_the_store(ray_local, undisturbed, mode
                "s.WRITE_BATCH = s.ROWS_PER_BLOCK = 2; "
                "r.run_manifest = functools.partial(r.run_manifest, max_concurrent_models=1); "
                "from cdi_ray.cli import main; sys.exit(main(sys.argv[1:]))",
-               "audit", str(man), "--address", ray_local]
+               "audit", str(man), "--address", ray_session.address]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: stored_rows(out / "features") or driver.poll() is not None, what="stored rows")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from _pipeline_helpers import moto_s3
 from cdi_ray import storage
 from cdi_ray.models import load_model
 from cdi_ray.models.fingerprint import model_fingerprint
@@ -38,23 +37,26 @@ def upload(client, folder: Path, prefix: str) -> None:
         client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(folder).as_posix()}")
 
 
-@pytest.fixture()
-def s3_model(tmp_path, tiny_pixel_dir, monkeypatch):
-    """The tiny pixel model plus a 12 MB weight-like file (so fetches overlap in time), uploaded to moto S3."""
-    import boto3
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    s3_server.direct.create_bucket(Bucket=BUCKET)
+    return s3_server.direct
 
+
+@pytest.fixture()
+def s3_model(tmp_path, tiny_pixel_dir, monkeypatch, s3_server, bucket):
+    """The tiny pixel model plus a 12 MB weight-like file (so fetches overlap in time), uploaded to
+    the session's S3 into an emptied bucket, with a cache of the test's own."""
     src = tmp_path / "src"
     shutil.copytree(tiny_pixel_dir, src)
     (src / "unet" / "extra.bin").write_bytes(os.urandom(12 << 20))
-    with moto_s3() as env:
-        for k, v in {**env, "CDI_RAY_CACHE": str(tmp_path / "cache")}.items():
-            monkeypatch.setenv(k, v)
-        storage.reset_client()
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        upload(client, src, "team/pixel")
-        yield src, client, {**env, "CDI_RAY_CACHE": str(tmp_path / "cache")}
-        storage.reset_client()
+    for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            bucket.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    env = {**s3_server.env, "CDI_RAY_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("CDI_RAY_CACHE", env["CDI_RAY_CACHE"])
+    upload(bucket, src, "team/pixel")
+    yield src, bucket, env
 
 
 def test_concurrent_processes_fetch_once_and_share_the_copy(s3_model, tmp_path):

@@ -25,7 +25,7 @@ from cdi_ray.pipeline.results import diff_markdown, diff_results
 from cdi_ray.pipeline.run import run_manifest
 from cdi_ray.pipeline.store import FeatureStore
 from cdi_ray.spec import parse_manifest
-from _pipeline_helpers import env, ray_local, s3_env, write_images  # noqa: F401 — ray_local, s3_env: fixtures
+from _pipeline_helpers import write_images
 
 # Small per-feature settings keep the tiny models fast; the full gray-box column set is kept.
 FAST = {"dl": {"n_draws": 2}}
@@ -80,7 +80,7 @@ def comparable(results: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def test_batch_dedup_reuse_and_crash_safety(ray_local, models, data, tmp_path):
+def test_batch_dedup_reuse_and_crash_safety(ray_session, models, data, tmp_path):
     out = tmp_path / "out"
     m = parse_manifest(manifest_dict(models, data, out))
 
@@ -157,7 +157,7 @@ def test_batch_dedup_reuse_and_crash_safety(ray_local, models, data, tmp_path):
     assert comparable(json.loads((out / "results.json").read_text())) == comparable(res)
 
 
-def test_plan_only_says_what_a_run_would_compute_and_computes_nothing(ray_local, models, data, tmp_path, capsys):
+def test_plan_only_says_what_a_run_would_compute_and_computes_nothing(ray_session, models, data, tmp_path, capsys):
     from cdi_ray.cli import EXIT_PARTIAL, main
 
     out = tmp_path / "out"
@@ -175,7 +175,7 @@ def test_plan_only_says_what_a_run_would_compute_and_computes_nothing(ray_local,
     assert main(["plan", str(path)]) == EXIT_PARTIAL and "0 to compute" in capsys.readouterr().out
 
 
-def test_nightly_computes_only_new_images_and_diffs(ray_local, models, data, tmp_path):
+def test_nightly_computes_only_new_images_and_diffs(ray_session, models, data, tmp_path):
     root = tmp_path / "nightly"
     p = tmp_path / "p"
     shutil.copytree(data / "p1", p)
@@ -205,37 +205,32 @@ def test_nightly_computes_only_new_images_and_diffs(ray_local, models, data, tmp
     assert sorted(os.listdir(root)) == ["2026-11-27", "2026-11-28", "features"]
 
 
-def test_s3_round_trip(ray_local, models, tmp_path):
+def test_s3_round_trip(ray_session, models, tmp_path):
     """Model, images, feature store and results all on (moto) S3."""
     import boto3
 
-    with env(ray_local):
-        storage.reset_client()
-        try:
-            boto3.client("s3").create_bucket(Bucket="cdi")
-            for root, _, files in os.walk(models["m1"]):
-                for f in files:
-                    rel = os.path.relpath(os.path.join(root, f), models["m1"])
-                    storage.atomic_write_bytes(f"s3://cdi/models/m1/{rel}", open(os.path.join(root, f), "rb").read())
-            for name, seed in (("p", 4), ("u", 5)):
-                for path in write_images(tmp_path / name, 6, seed=seed):
-                    storage.atomic_write_bytes(f"s3://cdi/owners/{name}/{os.path.basename(path)}", open(path, "rb").read())
-            man = parse_manifest({
-                "models": {"m": {"uri": "s3://cdi/models/m1", "access": "gray-box"}},
-                "audits": [{"id": "s", "model": "m", "published": "s3://cdi/owners/p/", "unpublished": "s3://cdi/owners/u/",
-                            "overrides": FAST, "test": {"procedure": "split", "min_samples": 2}}],
-                "output": "s3://cdi/audits/2026-11-28/",
-            })
-            b = run_manifest(man)
-            assert b.exit_code == 0 and b.run["features"]["computed"] == 12
-            res = json.loads(storage.read_bytes("s3://cdi/audits/2026-11-28/results.json"))
-            assert res["audits"][0]["status"] == "done" and res["audits"][0]["n_published"] == 6
-            parts = [e.uri for e in storage.iter_files("s3://cdi/audits/2026-11-28/features/")
-                     if os.path.basename(e.uri).startswith("part-")]
-            assert any("/model=" in u and "/cfg=" in u for u in parts)
-            assert run_manifest(man).run["features"]["computed"] == 0
-        finally:
-            storage.reset_client()
+    boto3.client("s3").create_bucket(Bucket="cdi")
+    for root, _, files in os.walk(models["m1"]):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), models["m1"])
+            storage.atomic_write_bytes(f"s3://cdi/models/m1/{rel}", open(os.path.join(root, f), "rb").read())
+    for name, seed in (("p", 4), ("u", 5)):
+        for path in write_images(tmp_path / name, 6, seed=seed):
+            storage.atomic_write_bytes(f"s3://cdi/owners/{name}/{os.path.basename(path)}", open(path, "rb").read())
+    man = parse_manifest({
+        "models": {"m": {"uri": "s3://cdi/models/m1", "access": "gray-box"}},
+        "audits": [{"id": "s", "model": "m", "published": "s3://cdi/owners/p/", "unpublished": "s3://cdi/owners/u/",
+                    "overrides": FAST, "test": {"procedure": "split", "min_samples": 2}}],
+        "output": "s3://cdi/audits/2026-11-28/",
+    })
+    b = run_manifest(man)
+    assert b.exit_code == 0 and b.run["features"]["computed"] == 12
+    res = json.loads(storage.read_bytes("s3://cdi/audits/2026-11-28/results.json"))
+    assert res["audits"][0]["status"] == "done" and res["audits"][0]["n_published"] == 6
+    parts = [e.uri for e in storage.iter_files("s3://cdi/audits/2026-11-28/features/")
+             if os.path.basename(e.uri).startswith("part-")]
+    assert any("/model=" in u and "/cfg=" in u for u in parts)
+    assert run_manifest(man).run["features"]["computed"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- pieces, no Ray
