@@ -3,7 +3,7 @@
 1. materialise the bundled Fashion-MNIST collections as PNG files in a folder laid out like an
    object-store bucket (``<out>/bucket/fashion16/<collection>/<n>.png``);
 2. write a manifest auditing them against both shipped demo models;
-3. run it through the same pipeline a cluster runs (`cdi_ray.pipeline.run.run_manifest`, a local Ray);
+3. run it through the same pipeline a cluster runs (`cdi_ray.run_manifest`, a local Ray);
 4. print a verdict table next to the expected verdicts, and write ``results.json`` and reports.
 
 The collections, per model ``<m>`` (held-out images come from the pool neither model saw):
@@ -169,8 +169,7 @@ def verdict_table(entries: list[dict], audits: list[DemoAudit]) -> str:
 def run_demo(out: str | os.PathLike = "demo-out", *, n: int | None = None, preset: str = DEFAULT_PRESET, seed: int = 0,
              models=DEMO_MODELS) -> dict:
     """Materialise, audit, and return ``{"table", "results", "output", "all_expected"}``."""
-    from cdi_ray.pipeline.run import run_manifest
-    from cdi_ray.spec import load_manifest
+    from cdi_ray import load_manifest, run_manifest
 
     out = Path(out).resolve()
     collections = out / "bucket" / "fashion16"
