@@ -68,11 +68,13 @@ def batch_max_permutations(m: int, q: float, method: str) -> int | None:
 
 def test_options(test, cap: int | None) -> dict:
     """An audit's procedure options, with the batch's permutation cap filled in where the audit
-    left ``max_permutations`` unset (default procedure, ridge scorer only: the logistic scorer
-    refits per permutation, so its cap stays the user's choice)."""
+    left ``max_permutations`` unset, for procedures whose permutations are closed-form (the
+    default's directional and ridge scorers; the logistic scorer refits per permutation, so its cap
+    stays the user's choice)."""
+    from cdi_ray.stats import closed_form_permutations
+
     options = dict(test.options)
-    if (cap is not None and test.procedure == "crossfit-permutation" and "max_permutations" not in options
-            and options.get("scorer", "ridge") == "ridge"):
+    if cap is not None and "max_permutations" not in options and closed_form_permutations(test.procedure, options):
         options["max_permutations"] = cap
     return options
 

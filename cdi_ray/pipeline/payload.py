@@ -83,11 +83,11 @@ def pvalue_curve(P: np.ndarray, U: np.ndarray, *, procedure: str, alpha: float, 
     """p-value of the audit's own procedure on nested random subsets of P and U (the same share of
     each), from ``CURVE_MIN_N`` per side up to all of them; the permutation cap is lowered to
     :data:`CURVE_MAX_PERMUTATIONS`. Skipped for the refit-per-permutation logistic scorer (too slow)."""
-    from cdi_ray.stats import run_test
+    from cdi_ray.stats import closed_form_permutations, run_test
 
     opts = dict(options)
     if procedure == "crossfit-permutation":
-        if opts.get("scorer", "ridge") != "ridge":
+        if not closed_form_permutations(procedure, opts):
             return {"points": [], "skipped": "the logistic scorer refits per permutation; the curve would cost "
                                              "as much as the audit many times over"}
         opts["max_permutations"] = min(int(opts.get("max_permutations") or CURVE_MAX_PERMUTATIONS), CURVE_MAX_PERMUTATIONS)
