@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -73,11 +74,13 @@ def _stop_session(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="cdihead-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # this interpreter's `ray` and `python` first, also when the suite runs without an activated venv
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     cmd = [
-        "ray", "start", "--head", "--block", "--num-cpus=8", "--include-dashboard=true", "--disable-usage-stats",
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=8", "--include-dashboard=true", "--disable-usage-stats",
         f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
@@ -117,7 +120,7 @@ def test_audit_job_via_ray_job_submit(ray_head, tiny_pixel_dir, tmp_path):
         "output": str(tmp_path / "unused"),
     }))
     out = tmp_path / "out"
-    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            "python", "jobs/audit.py", str(manifest), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
