@@ -58,7 +58,8 @@ def manifest_dict(models, data, out):
     common = {"overrides": FAST, "test": TEST}
     return {
         "models": {
-            "m1": {"uri": models["m1"], "access": "gray-box", "batch_size": 8, "max_replicas": 2},
+            # m1 in an actor pool, m2 (small, on CPU) in warm tasks: both ways are exactly-once
+            "m1": {"uri": models["m1"], "access": "gray-box", "batch_size": 8, "max_replicas": 2, "pool": "actors"},
             "m2": {"uri": models["m2"], "access": "gray-box", "batch_size": 16},
             "m3": {"uri": str(data / "u"), "access": "gray-box"},  # a folder of images, not a model
         },
@@ -97,8 +98,9 @@ def test_batch_dedup_reuse_and_crash_safety(ray_session, models, data, tmp_path)
     assert b.run["features"]["per_model"]["m1"]["computed"] == 28 + 19
     assert b.run["features"]["per_model"]["m2"]["computed"] == 20
     assert feats["computed"] == 67 and feats["decode_errors"] == 2 and feats["to_compute"] == 69
-    # the model is loaded once per actor, never more actors than the pool's max
-    assert 1 <= len(feats["per_model"]["m1"]["actors"]) <= 2 and len(feats["per_model"]["m2"]["actors"]) == 1
+    # m1: the model is loaded once per actor, never more actors than the pool's max; m2: warm task workers
+    assert 1 <= len(feats["per_model"]["m1"]["actors"]) <= 2
+    assert feats["per_model"]["m2"]["actors"] and all(a.startswith("task-") for a in feats["per_model"]["m2"]["actors"])
     # model-free descriptors (controls on by default): m1 and m2 share a geometry, so each of the 29
     # distinct contents (bad.png as an error row) is described once, in the decode stage of m1's stream
     assert b.run["descriptors"]["needed"] == 29 and b.run["descriptors"]["in_feature_streams"] == 29

@@ -171,6 +171,11 @@ class ModelSpec(_Spec):
     options: dict[str, Any] = Field(default_factory=dict, description="family options for the loader, e.g. {missing_label: null}")
     max_batch_mb: float | None = Field(None, gt=0, description="ceiling on one feature call's input tensor (MB); a larger call "
                                                                "fails as out of memory and is split in halves — emulates a smaller accelerator")
+    pool: Literal["auto", "actors", "tasks"] = Field(
+        "auto", description="how a feature stream runs the model: actors — an actor pool, one model load per actor; "
+                            "tasks — Ray tasks whose worker processes keep the model stack imported and the last model "
+                            "loaded between streams and runs (CPU only); auto — tasks for a CPU stream of at most "
+                            "1,024 images, where an actor's start-up would cost more than its features, else actors")
 
     @field_validator("uri")
     @classmethod
@@ -191,6 +196,9 @@ class ModelSpec(_Spec):
             )
         if self.device == "cuda" and self.num_gpus == 0:
             raise ValueError("device is 'cuda' but num_gpus is 0; set num_gpus (e.g. 1) or device: cpu")
+        if self.pool == "tasks" and self.resolved_device != "cpu":
+            raise ValueError("pool 'tasks' keeps models loaded in shared worker processes and is for CPU models; "
+                             "use pool: actors (or auto) with GPUs")
         return self
 
     @property
