@@ -91,6 +91,11 @@ def in_driver(plan: BatchPlan) -> bool:
     return sum(r.images for r in _runs(plan)) <= DRIVER_AGGREGATION_IMAGES
 
 
+def _aggregators(n: int) -> list:
+    """``n`` aggregator actors from the driver's pool (kept across runs: each imports the statistics stack once)."""
+    return cluster.actor_pool(AuditAggregator, n, num_cpus=1, max_restarts=1, max_task_retries=1)
+
+
 def start_aggregators(plan: BatchPlan, max_aggregators: int = MAX_AGGREGATORS) -> None:
     """Start the aggregator actors now and let them import the statistics stack, so that their
     start-up overlaps the feature computation instead of following it (not for a batch
@@ -98,7 +103,7 @@ def start_aggregators(plan: BatchPlan, max_aggregators: int = MAX_AGGREGATORS) -
     runs = [a.main for a in plan.audits.values() if a.main is not None]
     if runs and not in_driver(plan):
         groups = len({(r.fingerprint, r.feature_key) for r in runs})
-        for actor in cluster.aggregator_pool(min(max_aggregators, groups, -(-len(runs) // AUDITS_PER_AGGREGATOR))):
+        for actor in _aggregators(min(max_aggregators, groups, -(-len(runs) // AUDITS_PER_AGGREGATOR))):
             actor.warm_up.remote()
 
 
@@ -151,7 +156,7 @@ def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: st
                 outcomes[(o.audit_id, o.role)] = o
     elif groups:
         n_tasks = sum(len(t) for t in groups.values())
-        actors = cluster.aggregator_pool(min(max_aggregators, len(groups), -(-n_tasks // AUDITS_PER_AGGREGATOR)))
+        actors = _aggregators(min(max_aggregators, len(groups), -(-n_tasks // AUDITS_PER_AGGREGATOR)))
         order = sorted(groups, key=lambda g: -len(groups[g]))
         pending = {actors[i % len(actors)].run_tasks.remote(store_root, fp, key, columns[(fp, key)], groups[(fp, key)],
                                                             plan.transient_dir): (fp, key)
@@ -163,7 +168,7 @@ def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: st
                 for o in ray.get(ready[0]):
                     outcomes[(o.audit_id, o.role)] = o
             except Exception as exc:  # noqa: BLE001 — the group's audits fail, the others go on
-                cluster.drop_aggregator_pool()  # do not reuse a pool that lost an actor
+                cluster.drop_actor_pool(AuditAggregator)  # do not reuse a pool that lost an actor
                 for t in groups[group]:
                     outcomes[(t.audit_id, t.role)] = AuditOutcome(t.audit_id, "failed", role=t.role,
                                                                   error=f"aggregator failed: {cluster.one_line(exc)}")

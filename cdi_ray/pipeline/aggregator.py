@@ -22,7 +22,7 @@ Per audit:
 5. for the audit's own run, the report payload (:mod:`cdi_ray.pipeline.payload`).
 
 Any exception in an audit fails that audit alone. Ray-free: the pipeline wraps
-:class:`AuditAggregator` as an actor (:func:`cdi_ray.pipeline.cluster.aggregator_pool`).
+:class:`AuditAggregator` as an actor (:func:`cdi_ray.pipeline.cluster.actor_pool`).
 """
 from __future__ import annotations
 
@@ -288,7 +288,7 @@ class _Reader:
 
 
 class AuditAggregator:
-    """Runs groups of audit runs that share a store partition (a Ray actor: :func:`cdi_ray.pipeline.cluster.aggregator_pool`)."""
+    """Runs groups of audit runs that share a store partition (a Ray actor: :func:`cdi_ray.pipeline.cluster.actor_pool`)."""
 
     def warm_up(self) -> None:
         """Import the statistics stack (SciPy, scikit-learn: seconds) before the first group arrives;
