@@ -392,6 +392,42 @@ def test_feature_actor_one_to_one_and_batch_invariant(tiny_pixel_dir, data):
     assert set(SUMMARY_SCHEMA.names).isdisjoint({"image", "features"})  # only counters reach the driver
 
 
+def test_warm_tasks_compute_what_the_actor_computes_and_keep_one_model(tiny_pixel_dir, data, tmp_path, monkeypatch):
+    """``warm_features`` (small CPU streams) gives the actor's rows; its worker process loads a
+    model once, whatever the configs, and holds one model at most."""
+    from cdi_ray.features.config import FeatureConfig
+    from cdi_ray.images import content_hash
+    from cdi_ray.models.fingerprint import model_fingerprint
+    from cdi_ray.pipeline import actors
+
+    other = make_tiny_pixel_ddpm(tmp_path / "other", image_size=16, channels=1, seed=5)
+    loads = []
+    original = actors.FeatureStage.load
+    monkeypatch.setattr(actors.FeatureStage, "load", lambda self: loads.append(self.model_uri) or original(self))
+    monkeypatch.setattr(actors, "_WARM_MODEL", {})
+
+    def kwargs(model, **overrides):
+        cfg = FeatureConfig(features="gray-box", overrides={**FAST, **overrides})
+        return dict(model_uri=str(model), fingerprint=model_fingerprint(model),
+                    configs={cfg.config_hash(): cfg.model_dump(mode="json", exclude={"device"})}), cfg.config_hash()
+
+    uris = [str(data / "u" / f"000{i}.png") for i in range(3)]
+    hashes = [content_hash(open(u, "rb").read()) for u in uris]
+    stage, key = kwargs(tiny_pixel_dir)
+    batch = actors.decode_batch({"uri": np.array(uris, dtype=object), "content_hash": np.array(hashes, dtype=object),
+                                 "configs": np.array([key] * 3, dtype=object)}, size=16, channels=1)
+    warm = actors.warm_features(batch, **stage)
+    assert warm.drop(["actor"]).equals(FeatureActor(**stage)(batch).drop(["actor"]))
+    assert set(warm.column("actor").to_pylist()) == {f"task-{os.getpid()}"}
+    loads.clear()
+    stage2, key2 = kwargs(tiny_pixel_dir, dl={"n_draws": 3})  # another config of the same model: no new load
+    actors.warm_features(dict(batch, configs=np.array([key2] * 3, dtype=object)), **stage2)
+    assert loads == []
+    stage3, key3 = kwargs(other)  # another model replaces it
+    actors.warm_features(dict(batch, configs=np.array([key3] * 3, dtype=object)), **stage3)
+    assert loads == [str(other)] and len(actors._WARM_MODEL) == 1
+
+
 def test_diff_highlights_new_used():
     prev = {"audits": [{"audit_id": "a", "verdict": "not_detected", "status": "done", "p_value": 0.5},
                        {"audit_id": "gone", "verdict": "used", "status": "done"}], "run": {"output": "/n/2026-11-27"}}
