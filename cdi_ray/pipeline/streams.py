@@ -73,16 +73,16 @@ def _split(uri: str, k: int) -> list:
     return blocks if k > 1 else blocks[0]
 
 
-def _read(uri: str, n: int):
+def _read(uri: str, n: int, max_blocks: int | None = None):
     """A stream's input: the ``n`` rows of a Parquet file of the run's folder, as Ray Data blocks.
 
-    A task loads the file into the object store in :func:`_blocks` pieces — the driver holds their
-    references only — which is much lighter than Ray Data's Parquet reader for files this small
-    (one planned file, no footers to fetch, no listing)."""
+    A task loads the file into the object store in :func:`_blocks` pieces (at most ``max_blocks``)
+    — the driver holds their references only — which is much lighter than Ray Data's Parquet reader
+    for files this small (one planned file, no footers to fetch, no listing)."""
     import ray
     import ray.data
 
-    k = _blocks(n)
+    k = min(_blocks(n), max_blocks or _blocks(n))
     refs = ray.remote(num_cpus=1, num_returns=k, max_retries=2)(_split).remote(uri, k)
     return ray.data.from_arrow_refs(refs if k > 1 else [refs])
 
@@ -98,7 +98,10 @@ def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
     from cdi_ray.pipeline.actors import (FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT, decode_batch,
                                          warm_features, write_batch)
 
-    ds = _read(stream.work, stream.images)
+    warm = uses_warm_tasks(model_spec, stream.images)
+    # warm tasks: one block per task slot, so the stream's batches run in as few worker processes as
+    # its pool allows (each new process would import the model stack again)
+    ds = _read(stream.work, stream.images, max_blocks=model_spec.max_replicas if warm else None)
     # read, check, decode, preprocess (+ the model-free descriptors where asked): CPU tasks
     descriptors = {"store_root": store_root, "key": stream.descriptor_key} if stream.described else None
     size, channels = stream.geometry
@@ -113,7 +116,7 @@ def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
         "load_options": stream.load_options,
         "max_batch_mb": model_spec.max_batch_mb,
     }
-    if uses_warm_tasks(model_spec, stream.images):
+    if warm:
         # features: the model once per task worker process, kept there between streams and runs
         ds = ds.map_batches(warm_features, batch_size=model_spec.batch_size, batch_format="numpy",
                             compute=TaskPoolStrategy(size=model_spec.max_replicas), num_cpus=model_spec.num_cpus,
