@@ -6,7 +6,7 @@ import io
 import threading
 from collections import OrderedDict
 
-from cdi_ray import storage
+from cdi_ray import localfs, storage
 
 #: Member locator prefixes.
 TAR, PARQUET = "tar", "parquet"
@@ -27,7 +27,7 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
         body = storage.s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")["Body"]
         data = body.read()
     else:
-        with open(storage.local_path(uri), "rb") as f:
+        with localfs.open_regular(storage.local_path(uri)) as f:
             f.seek(offset)
             data = f.read(length)
     if len(data) != length:
@@ -68,7 +68,7 @@ class _S3Object(io.RawIOBase):
 def open_seekable(uri: str, size: int | None = None):
     """A binary file object for a local path or an S3 object (buffered ranged reads)."""
     if not storage.is_remote(uri):
-        return open(storage.local_path(uri), "rb")
+        return localfs.open_regular(storage.local_path(uri))
     size = storage.stat(uri).size if size is None else size
     return io.BufferedReader(_S3Object(uri, size), buffer_size=1 << 20)
 
@@ -76,7 +76,7 @@ def open_seekable(uri: str, size: int | None = None):
 def open_stream(uri: str):
     """A forward-only binary stream over a whole object (one GET on S3, read as it arrives)."""
     if not storage.is_remote(uri):
-        return open(storage.local_path(uri), "rb")
+        return localfs.open_regular(storage.local_path(uri))
     from botocore.exceptions import ClientError
 
     bucket, key = storage.split_s3(uri)
@@ -137,9 +137,11 @@ def read_images(uris: list[str], locs: list[str]) -> list[bytes | BaseException]
     for i, (uri, loc) in enumerate(zip(uris, locs)):
         try:
             if not loc:
-                out[i] = storage.read_bytes(uri)
+                out[i] = storage.read_image(uri)
             elif loc.startswith(TAR + ":"):
                 _, off, size = loc.split(":")
+                if int(size) > storage.max_image_bytes():
+                    raise storage.TooLarge(localfs.too_large_reason(uri, int(size), storage.max_image_bytes(), "image"))
                 tar_groups.setdefault(container_of(uri, loc), []).append((int(off), int(size), i))
             elif loc.startswith(PARQUET + ":"):
                 _, group, row, column = loc.split(":", 3)

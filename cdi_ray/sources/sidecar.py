@@ -77,6 +77,6 @@ def attach_sidecar(entries: list[storage.FileEntry], root: str | None, sidecar: 
     for e in entries:
         rel = e.uri[len(root.rstrip("/")) + 1:] if root and e.uri.startswith(root.rstrip("/") + "/") else None
         label, caps = meta.get(rel) if rel in meta else meta.get(storage.basename(e.uri), (None, ()))
-        out.append(ImageEntry(e.uri, e.size, e.version, label=label, captions=caps))
+        out.append(ImageEntry(e.uri, e.size, e.version, label=label, captions=caps, error=e.error))
     return out
 

@@ -10,11 +10,39 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cdi_ray.redaction import shorten, shown
 from cdi_ray.spec.messages import ManifestError, _problems
 from cdi_ray.spec.schema import SHARD_SOURCES, ListFile, Manifest, WebDatasetShards
 
+#: Largest manifest file read (bytes): a batch of 10,000 audits is ~3 MB of YAML.
+MAX_MANIFEST_BYTES = 32 << 20
+#: Deepest nesting of mappings and lists in a manifest (a real one nests 5 levels).
+MAX_NESTING = 64
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML loader that refuses duplicate mapping keys (plain YAML keeps the last silently)."""
+    """YAML loader for manifests: safe tags only, no duplicate keys (plain YAML keeps the last
+    silently), no anchors or aliases, bounded nesting.
+
+    Aliases are refused outright: a few hundred bytes of nested aliases ("billion laughs") expand
+    to billions of values, and a manifest never needs them — write the value out, or share it
+    with the batch-level ``controls`` / a model entry instead.
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            raise yaml.composer.ComposerError(None, None, f"{shorten(what, 60)}: YAML anchors and aliases are not "
+                                              "allowed in a manifest — write the value out in full", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels — a manifest "
+                                                  "is a few levels deep; check the file", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -47,7 +75,7 @@ def location_problems(locations: dict[str, str | None], root: str | None) -> lis
 
     if not root:
         return []
-    return [f"{field}: {uri!r} is outside the configured output root {root!r} — write it under the root "
+    return [f"{field}: {shown(uri)} is outside the configured output root {shown(root)} — write it under the root "
             f"(set by --output-root or ${OUTPUT_ROOT_ENV})"
             for field, uri in locations.items() if uri is not None and not is_within(uri, root)]
 
@@ -82,11 +110,13 @@ def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None) ->
 
     uri = str(path_or_uri)
     try:
-        raw = storage.read_bytes(uri)
+        raw = storage.read_bytes(uri, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
     except FileNotFoundError:
         raise ManifestError([f"(file): {uri} does not exist — check the path"], uri) from None
     except OSError as exc:
         raise ManifestError([f"(file): cannot read {uri}: {exc}"], uri) from None
+    except ValueError as exc:  # an unsupported scheme
+        raise ManifestError([f"(file): {exc}"], uri) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -97,7 +127,10 @@ def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None) ->
         else:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # YAML is a superset of JSON
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ManifestError([f"(file): not valid YAML/JSON — {exc}"], uri) from None
+        raise ManifestError([f"(file): not valid YAML/JSON — {shorten(str(exc), 400)}"], uri) from None
+    except RecursionError:  # JSON nested thousands deep (the YAML loader stops at MAX_NESTING)
+        raise ManifestError([f"(file): nested deeper than Python can parse — a manifest is a few levels deep"],
+                            uri) from None
     base_dir = None if storage.is_remote(uri) else str(Path(storage.local_path(uri)).parent)
     return parse_manifest(data, base_dir=base_dir, source=uri, root=root)
 
