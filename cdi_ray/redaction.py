@@ -15,7 +15,7 @@ import re
 #: Most characters of a value quoted in a message (a 1 MB string is not echoed back whole).
 ECHO_LIMIT = 200
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]+)@")
+_USERINFO_END = re.compile(r"[/?#@\s]")
 #: Query parameters that carry a signature, a credential or a token (case-insensitive).
 _SIGNED_PARAM = re.compile(
     r"(?P<key>(?:^|[?&;])(?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
@@ -24,10 +24,24 @@ _SIGNED_PARAM = re.compile(
     re.I | re.M)
 
 
+def _userinfo_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of the user-info of every URL in ``text`` (what sits between ``://`` and
+    ``@``). Found from each ``://`` forwards — linear in the text, with no regex that could
+    backtrack over a long value."""
+    spans, i = [], text.find("://")
+    while i >= 0:
+        start = i + 3
+        m = _USERINFO_END.search(text, start)
+        if m is not None and m.group() == "@" and m.start() > start:
+            spans.append((start, m.start()))
+        i = text.find("://", start)
+    return spans
+
+
 def carries_credentials(text: str) -> bool:
     """True if ``text`` holds a URL with user-info, or a signed / token query parameter."""
     text = str(text)
-    if _USERINFO.search(text):
+    if "://" in text and _userinfo_spans(text):
         return True
     return "=" in text and any(m.group("value") for m in _SIGNED_PARAM.finditer(_queries(text)))
 
@@ -39,7 +53,9 @@ def _queries(text: str) -> str:
 
 def redact(text: str) -> str:
     """``text`` with URL user-info and signed query values replaced by ``***``."""
-    text = _USERINFO.sub(lambda m: m.group("scheme") + "***@", str(text))
+    text = str(text)
+    for start, end in reversed(_userinfo_spans(text)):
+        text = text[:start] + "***" + text[end:]
     if "?" not in text:
         return text
 
@@ -56,4 +72,7 @@ def shorten(text: str, limit: int = ECHO_LIMIT) -> str:
 
 def shown(value) -> str:
     """How a message quotes a value: its ``repr``, redacted, at most :data:`ECHO_LIMIT` characters."""
-    return shorten(redact(repr(value)))
+    text = repr(value)
+    if len(text) <= ECHO_LIMIT:
+        return redact(text)
+    return f"{redact(text[: 4 * ECHO_LIMIT])[:ECHO_LIMIT]}… ({len(text):,} characters)"  # redacts a bounded piece

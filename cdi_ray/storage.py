@@ -13,6 +13,10 @@ Endpoint and credentials come only from the environment / instance role, exactly
 them (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible stores and tests,
 ``AWS_ACCESS_KEY_ID``…, the EC2 instance profile). Nothing here takes, stores or logs a secret.
 
+Local files are read as regular files only, with size bounds, and folders are listed without
+following a loop (:mod:`cdi_ray.localfs`): a FIFO, a device or a broken link is an entry with a
+named reason, never opened. The S3 client and its error mapping are :mod:`cdi_ray.s3`.
+
 Failures come out as OSErrors that name the URI: ``FileNotFoundError`` (404), ``PermissionError``
 (403) and :class:`StorageError` (anything still failing after the retries), so one unreadable
 object fails its image or its audit, not the batch.
@@ -21,31 +25,17 @@ This module imports no Ray.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 from cdi_ray import localfs
 from cdi_ray.localfs import BadEntry, NotARegularFile, TooLarge  # noqa: F401 — raised from here
+from cdi_ray.s3 import StorageError, _is_missing, _s3_errors, reset_client, s3_client  # noqa: F401 — the storage API
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
-#: Largest encoded image read (bytes; ``$CDI_RAY_MAX_IMAGE_BYTES`` overrides): a larger file is an
-#: unusable image (``too_large``), refused from its size before it is read. 256 MiB is above any
-#: image the decoder accepts in practice (~89.5 MP, ``cdi_ray.images.DEFAULT_MAX_PIXELS``).
-MAX_IMAGE_BYTES = 256 << 20
-#: Seconds one image read may take, retries included (``$CDI_RAY_READ_TIMEOUT`` overrides): a read
-#: that stalls longer (a hung mount, an S3 connection that trickles) fails that image only.
-READ_TIMEOUT_S = 120.0
-#: botocore's per-connection timeouts (seconds): connecting, and waiting on a socket read.
-S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S = 10, 60
 
-#: Attempts per S3 request, the first included (``AWS_MAX_ATTEMPTS`` overrides): throttling (SlowDown, 503), other 5xx
-#: and dropped connections are retried with exponential backoff and client-side rate limiting
-#: (botocore's "adaptive" mode); 403 and 404 are not retried.
-S3_MAX_ATTEMPTS = 8
 
 #: Keys per ListObjectsV2 page (S3's maximum; tests lower it to exercise pagination).
 S3_PAGE_SIZE = 1000
@@ -127,73 +117,6 @@ def basename(uri: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# S3 client (one per process; boto3 clients are thread-safe)
-# ----------------------------------------------------------------------------------------------
-_client_lock = threading.Lock()
-_client: tuple[int, object] | None = None
-
-
-def s3_client():
-    """The process's boto3 S3 client, configured from the environment only."""
-    global _client
-    with _client_lock:
-        if _client is None or _client[0] != os.getpid():
-            import boto3
-            from botocore.config import Config
-
-            attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
-            cfg = Config(retries={"total_max_attempts": attempts, "mode": "adaptive"}, max_pool_connections=32,
-                         connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S)
-            _client = (os.getpid(), boto3.session.Session().client("s3", config=cfg))
-        return _client[1]
-
-
-def reset_client() -> None:
-    """Forget the cached client (tests that change the endpoint between runs)."""
-    global _client
-    with _client_lock:
-        _client = None
-
-
-def _is_missing(exc: Exception) -> bool:
-    return _code(exc) in _MISSING
-
-
-_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
-_DENIED = ("403", "AccessDenied", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-
-
-def _code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-
-
-class StorageError(OSError):
-    """An S3 request that failed after boto3's retries (throttling, 5xx, connection resets are
-    retried with exponential backoff first); the message names the URI and the S3 error."""
-
-
-@contextmanager
-def _s3_errors(uri: str):
-    """Turn botocore's errors into OSErrors that say what to do: ``FileNotFoundError`` (404),
-    ``PermissionError`` (403: the environment's credentials lack the permission), else
-    :class:`StorageError` — so callers handle storage failures as the OSErrors they are."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        yield
-    except ClientError as exc:
-        code = _code(exc)
-        if code in _MISSING:
-            raise FileNotFoundError(f"{uri} does not exist") from None
-        if code in _DENIED:
-            raise PermissionError(f"{uri}: access denied ({code}) — grant the environment's credentials "
-                                  "s3:GetObject / s3:ListBucket on it (s3:PutObject to write there)") from None
-        raise StorageError(f"{uri}: S3 error {code or type(exc).__name__} after retries — {exc}") from None
-    except BotoCoreError as exc:  # connection refused/reset, timeouts (after retries), checksum mismatch
-        raise StorageError(f"{uri}: S3 request failed after retries — {type(exc).__name__}: {exc}") from None
-
-
-# ----------------------------------------------------------------------------------------------
 # reading, listing
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -209,19 +132,17 @@ class FileEntry:
     error: str | None = None
 
 
-def read_bytes(uri: str, *, max_bytes: int | None = None, timeout: float | None = None, what: str = "file") -> bytes:
+def read_bytes(uri: str, *, max_bytes: int | None = None, what: str = "file") -> bytes:
     """The whole object: a regular file (never a FIFO or a device) or an S3 object.
 
     Args:
         max_bytes: refuse a larger object with :class:`TooLarge`, from its size, before reading it.
-        timeout: seconds the whole read may take (retries included), else ``TimeoutError``.
         what: how the bound is named in the refusal ("image", "manifest" …).
 
     Raises ``FileNotFoundError`` (missing), ``PermissionError`` (denied), :class:`NotARegularFile`,
-    :class:`TooLarge`, ``TimeoutError`` or :class:`StorageError` (S3 failed after retries).
+    :class:`TooLarge` or :class:`StorageError` (S3 failed after retries). Images are read with a
+    deadline too: :func:`cdi_ray.sources.reading.read_image`.
     """
-    if timeout is not None:
-        return with_deadline(lambda: read_bytes(uri, max_bytes=max_bytes, what=what), timeout, f"reading {uri}")
     if not is_remote(uri):
         return localfs.read_regular(local_path(uri), max_bytes, what)
     bucket, key = split_s3(uri)
@@ -237,42 +158,6 @@ def read_bytes(uri: str, *, max_bytes: int | None = None, timeout: float | None 
         if len(data) > max_bytes:
             raise TooLarge(localfs.too_large_reason(uri, len(data), max_bytes, what))
         return data
-
-
-def max_image_bytes() -> int:
-    return int(os.environ.get("CDI_RAY_MAX_IMAGE_BYTES") or MAX_IMAGE_BYTES)
-
-
-def read_timeout() -> float:
-    return float(os.environ.get("CDI_RAY_READ_TIMEOUT") or READ_TIMEOUT_S)
-
-
-def read_image(uri: str) -> bytes:
-    """One encoded image, bounded in size (:data:`MAX_IMAGE_BYTES`) and time (:data:`READ_TIMEOUT_S`)."""
-    return read_bytes(uri, max_bytes=max_image_bytes(), timeout=read_timeout(), what="image")
-
-
-def with_deadline(fn, timeout: float, what: str):
-    """``fn()`` in a daemon thread, waited on for ``timeout`` seconds: a call that stalls (a hung
-    mount, a trickling connection) raises ``TimeoutError`` here and is left behind — it cannot
-    hold up the caller, and it dies with the process."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="cdi-ray-read", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"timeout: {what} took longer than {timeout:g} s — the storage stalled; "
-                           "retried by the next run (CDI_RAY_READ_TIMEOUT sets the limit)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def exists(uri: str) -> bool:

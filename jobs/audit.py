@@ -144,7 +144,6 @@ if __name__ == "__main__":
         result = {"exit_code": EXIT_INTERNAL, "error": "internal error (see the log above)"}
     if result.get("error"):
         print(result["error"], file=sys.stderr)
-    print(json.dumps(result))
     from cdi_ray.pipeline.cluster import exit_process
 
-    exit_process(result["exit_code"])
+    exit_process(result["exit_code"], last_line=json.dumps(result))  # the JSON summary: the last line on stdout

@@ -92,9 +92,10 @@ def images_to_hash(parts: list[str], store_root: str, todo_dir: str, rehash: boo
 def _read_hash(uri: str) -> tuple[str | None, int | None, str | None]:
     """``(content hash, size, None)`` of one object, or ``(None, None, why not)``."""
     from cdi_ray.images import content_hash
+    from cdi_ray.sources.reading import read_image
 
     try:
-        data = storage.read_image(uri)  # bounded in size and time: a FIFO or a device is never read
+        data = read_image(uri)  # bounded in size and time: a FIFO or a device is never read
         return content_hash(data), len(data), None
     except FileNotFoundError:
         return None, None, "missing: the file does not exist"

@@ -23,7 +23,7 @@ import pyarrow as pa
 from cdi_ray import storage
 from cdi_ray.localfs import too_large_reason
 from cdi_ray.sources.listing import LISTING_SCHEMA, ImageEntry, ShardRef, ShardSpec, entries_table
-from cdi_ray.sources.reading import PARQUET, TAR, _image_bytes, open_seekable, open_stream
+from cdi_ray.sources.reading import PARQUET, TAR, _image_bytes, max_image_bytes, open_seekable, open_stream
 from cdi_ray.sources.sidecar import parse_captions, parse_label
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ def index_tar(uri: str, version: str) -> tuple[list[ImageEntry], str | None]:
                         continue
                     key, ext = _split_key(m.name)
                     sample = samples.setdefault(key, _Sample())
-                    if m.size > storage.max_image_bytes():  # never read into memory: an unusable member
+                    if m.size > max_image_bytes():  # never read into memory: an unusable member
                         too_large.append(ImageEntry(f"{uri}#{m.name}", m.size, version, error=too_large_reason(
-                            f"{uri}#{m.name}", m.size, storage.max_image_bytes(), "image")))
+                            f"{uri}#{m.name}", m.size, max_image_bytes(), "image")))
                         continue
                     data = tar.extractfile(m).read()
                     if ext in storage.IMAGE_EXTENSIONS:

@@ -11,7 +11,7 @@ class ManifestError(ValueError):
 
     def __init__(self, problems: list[str], source: str | None = None):
         # redacted and bounded: a message never carries a secret, nor a value expanded to megabytes
-        self.problems = [shorten(redact(p), 4 * ECHO_LIMIT) for p in problems]
+        self.problems = [redact(shorten(p, 4 * ECHO_LIMIT)) for p in problems]
         self.source = source
         head = f"invalid manifest {source}" if source else "invalid manifest"
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
