@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+        console.silence_ray_shutdown()
         print("interrupted: the feature streams were stopped; the features already stored are kept — run the same "
               "command again to compute only the rest", flush=True)
         return EXIT_INTERRUPTED

@@ -136,6 +136,7 @@ if __name__ == "__main__":
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+        console.silence_ray_shutdown()
         result = {"exit_code": EXIT_INTERRUPTED, "interrupted": True,
                   "error": "interrupted (SIGINT): the feature streams were stopped; the features already stored are "
                            "kept — run the same command again to compute only the rest"}
