@@ -285,5 +285,14 @@ def _is_user_error(exc: Exception) -> bool:
     return isinstance(exc, ImageError)
 
 
+def run() -> None:
+    """The ``cdi-ray`` console script: :func:`main`, then the process ends without the interpreter's
+    teardown (:func:`cdi_ray.pipeline.cluster.exit_process`) — which would also wait for the feature
+    streams' threads after a Ctrl-C instead of exiting at once."""
+    from cdi_ray.pipeline.cluster import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

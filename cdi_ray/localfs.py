@@ -12,7 +12,7 @@ A collection folder is input from someone else. Whatever sits in it must fail on
 * **A walk that reports instead of raising.** :func:`walk` lists a folder recursively (following
   links to folders, like ``os.walk(followlinks=True)``) but never visits a folder twice: a link
   back to a parent is reported as a directory loop, not followed forever. A dangling link, a link
-  loop, an unreadable folder or a non-regular file becomes a :class:`WalkEntry` with ``error`` set
+  loop, an unreadable folder, a non-regular file or a name that is not UTF-8 becomes a :class:`WalkEntry` with ``error`` set
   — a named reason — and the walk goes on.
 
 Reasons say what an entry *is not*; they never quote what a file contains.
@@ -111,6 +111,20 @@ def read_regular(path: str, max_bytes: int | None = None, what: str = "file") ->
         return data
 
 
+def is_utf8(path: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (Python holds them as lone surrogates)."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(path: str) -> str:
+    """A name with its non-UTF-8 bytes written as ``\\xNN`` escapes (storable, shown, never opened)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class WalkEntry:
     """One entry of :func:`walk`: a regular file (``size``, ``version`` = mtime_ns) or, with
@@ -162,6 +176,11 @@ def walk(root: str) -> Iterator[WalkEntry]:
             if child.name.startswith("."):
                 continue
             path = child.path
+            if not is_utf8(path):  # the name could not be stored (Parquet and JSON hold UTF-8) nor shown
+                shown_path = printable(path)
+                out.append(WalkEntry(shown_path, -1, "", f"undecodable_name: {shown_path} has a name that is not valid "
+                                                         "UTF-8 — rename it"))
+                continue
             try:
                 cst = os.stat(path)  # follows links
             except OSError as exc:

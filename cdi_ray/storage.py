@@ -230,7 +230,8 @@ def is_image_name(uri: str) -> bool:
 
 
 #: Reasons of entries reported whatever their name: what they point at is unknown.
-_ALWAYS_REPORTED = ("dangling_symlink", "symlink_loop", "directory_loop", "unreadable_folder", "access_denied")
+_ALWAYS_REPORTED = ("dangling_symlink", "symlink_loop", "directory_loop", "unreadable_folder", "access_denied",
+                    "undecodable_name")
 
 
 def list_images(uri: str) -> list[FileEntry]:

@@ -40,6 +40,7 @@ HOSTILE = {
     "self.png": "symlink_loop: ",              # → itself
     "sub/up": "directory_loop: ",              # → its own parent folder
     "passwd.png": "not a recognised image format: ",  # → a system file: read, refused, never quoted
+    "bad-\\xff.png": "undecodable_name: ",  # a name that is not UTF-8 (no Parquet or JSON file can hold it)
 }
 
 
@@ -58,6 +59,8 @@ def make_hostile(folder, good_from) -> None:
     target = folder.parent / "passwd"
     target.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")  # what /etc/passwd starts with
     os.symlink(target, folder / "passwd.png")
+    with open(os.fsencode(folder) + b"/bad-\xff.png", "wb") as f:
+        f.write((good_from / "0000.png").read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +259,7 @@ def small(**audit_extra) -> dict:
             "output": "s3://o/x"}
 
 
-def test_yaml_aliases_are_refused_fast(tmp_path):
+def test_yaml_alias_bombs_are_refused_fast(tmp_path):
     lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for i in range(1, 9):  # 9^9 ≈ 387 million strings once expanded, from < 1 kB
         prev, cur = chr(96 + i), chr(97 + i)
@@ -265,9 +268,19 @@ def test_yaml_aliases_are_refused_fast(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     assert path.stat().st_size < 1000
     t0 = time.time()
-    with pytest.raises(ManifestError, match="anchors and aliases are not allowed in a manifest"):
+    with pytest.raises(ManifestError, match=r"YAML aliases expand this manifest to [\d,]+ values \(more than "
+                                            r"1,000,000 beyond the \d+ written\)"):
         load_manifest(str(path))
     assert time.time() - t0 < 2
+    path.write_text("a: &a [1, *a]\n")
+    with pytest.raises(ManifestError, match="refers to a value that contains it"):
+        load_manifest(str(path))
+    # shared values (yaml.safe_dump writes them as anchors and aliases) are fine
+    shared = {"dl": {"n_draws": 2}}
+    path.write_text(yaml.safe_dump(small(overrides=shared) | {"audits": [small(overrides=shared)["audits"][0],
+                                                                          {**small(overrides=shared)["audits"][0], "id": "b"}]}))
+    assert "&id001" in path.read_text()
+    assert [a.overrides for a in load_manifest(str(path)).audits] == [shared, shared]
     path.write_text("audits: " + "[" * 10_000 + "]" * 10_000)
     with pytest.raises(ManifestError, match="nested deeper than"):
         load_manifest(str(path))
@@ -296,6 +309,8 @@ def test_values_the_writers_cannot_store_are_refused():
         with pytest.raises(ManifestError) as exc:
             parse_manifest(small(test={"options": options}))
         assert any(p.startswith(where) for p in exc.value.problems), exc.value.problems
+    with pytest.raises(ManifestError, match=r"audits\[0\].published: not valid Unicode text"):
+        parse_manifest(small(published="s3://b/p-\udcff/"))
     data = small()
     data["models"]["m"]["num_cpus"] = float("inf")
     with pytest.raises(ManifestError, match=r"models.m.num_cpus: inf is not a finite number"):

@@ -7,6 +7,7 @@ would lose the whole batch at its last step. Validation therefore walks the *val
 * an integer outside the signed 64-bit range (``results.parquet``'s ``seed`` and count columns
   are int64; Arrow and most readers cannot hold more);
 * a float that is NaN or infinite (``results.json`` is strict JSON: ``allow_nan=False``);
+* a string that is not valid Unicode (a lone surrogate: Parquet and JSON files hold UTF-8);
 * any string that carries credentials — a URL with user-info or a signed query
   (:func:`cdi_ray.redaction.carries_credentials`): options are copied into every report's
   provenance, so a secret there would leak.
@@ -38,6 +39,14 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
             yield from _walk(v, f"{path}[{i}]")
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def value_problems(data: dict) -> list[str]:
     """One ``"field.path: what — fix"`` line per value the writers could not store or must not see."""
     problems: list[str] = []
@@ -51,6 +60,9 @@ def value_problems(data: dict) -> list[str]:
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{where}: {value} is not a finite number, which results.json cannot hold — give a "
                             "finite value")
+        elif isinstance(value, str) and not _is_utf8(value):
+            problems.append(f"{where}: not valid Unicode text (it holds a lone surrogate, e.g. from an undecodable "
+                            "file name) — the results files store UTF-8; fix or rename it")
         elif isinstance(value, str) and carries_credentials(value):
             problems.append(f"{where}: a URL that carries credentials (user-info or a signed query) — "
                             f"{_NO_CREDENTIALS}")
