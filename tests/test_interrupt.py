@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from cdi_ray.cli import EXIT_INTERRUPTED
@@ -25,6 +26,7 @@ from test_faults import stored_rows, wait_for
 N = 48  # images per collection: long enough on the tiny model that SIGINT lands mid-compute
 
 
+@pytest.mark.slow  # a driver process of its own: ~30 s on the 2-core CI box (imports, listing, the stream's start)
 def test_sigint_during_compute_stops_keeps_the_store_and_exits_130(ray_session, tiny_pixel_dir, tmp_path):
     from cdi_ray.pipeline.run import plan_manifest
     from cdi_ray.spec import load_manifest
