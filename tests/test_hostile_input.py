@@ -107,6 +107,18 @@ def test_listing_names_every_bad_entry_and_never_opens_it(collections):
     assert signed.error.startswith("credentials_in_uri") and "0123abcd" not in signed.uri and "AKIAX" not in signed.uri
 
 
+def test_a_fifo_among_shards_is_one_unusable_entry(tmp_path):
+    from cdi_ray.sources import list_source
+    from cdi_ray.sources.shards import index_shard_cached
+
+    os.mkfifo(tmp_path / "shard-000.tar")
+    for pattern in ("shard-*.tar", "shard-000.tar"):  # found by a glob, or named
+        (ref,) = list_source(str(tmp_path / pattern))
+        index = index_shard_cached(ref, str(tmp_path / "store"), str(tmp_path / "scratch"))
+        (row,) = storage.read_parquet(index.uri).to_pylist()
+        assert row["error"].startswith("not_a_regular_file: ") and "a named pipe (FIFO)" in row["error"]
+
+
 def test_reads_are_bounded_in_size(tmp_path, monkeypatch):
     from cdi_ray.sources.reading import read_image
 

@@ -138,7 +138,10 @@ def expand_pattern(pattern: str) -> list[storage.FileEntry]:
     out: dict[str, storage.FileEntry] = {}
     for uri in expand_braces(pattern):
         if not _GLOB_CHARS & set(uri):
-            out[storage.normalize(uri)] = storage.stat(uri)
+            try:
+                out[storage.normalize(uri)] = storage.stat(uri)
+            except storage.BadEntry as exc:  # a FIFO, a device, a broken link: that shard is unusable, not the source
+                out[storage.normalize(uri)] = storage.FileEntry(storage.normalize(uri), -1, "", str(exc))
             continue
         cut = min(uri.index(c) for c in _GLOB_CHARS if c in uri)
         folder = uri[:cut].rsplit("/", 1)[0] if "/" in uri[:cut] else "."

@@ -210,7 +210,11 @@ def index_shard_cached(ref: ShardRef, store_root: str, scratch: str) -> ShardInd
     if rows is not None:
         return ShardIndex(cached, rows, True)
     try:
+        if ref.entry.error:  # listed as unusable (not a regular file …): never opened
+            raise storage.BadEntry(ref.entry.error)
         entries, error = index_shard(uri, version, ref.spec, ref.entry.size)
+    except storage.BadEntry as exc:
+        entries, error = [], str(exc)
     except FileNotFoundError:
         entries, error = [], f"missing: shard {uri} does not exist"
     except Exception as exc:  # noqa: BLE001 — this shard's images are unusable, the others go on
