@@ -159,6 +159,21 @@ def select_rows(job: AuditJob, rows: dict[str, int], status: list[str], errors: 
     return picked["published"], picked["unpublished"], unusable
 
 
+def overlap_problem(n_published: int, n_unpublished: int, unusable: list[dict]) -> str | None:
+    """Why an audit cannot run when a side is empty because its images are all in the other set too
+    (``in_both_sets``) — the manifest names the same images twice; None otherwise."""
+    both = {d["content_hash"] for d in unusable if d["reason"].startswith("in_both_sets")}
+    empty = [side for side, n in (("published", n_published), ("unpublished", n_unpublished)) if n == 0]
+    if not both or not empty:
+        return None
+    if len(empty) == 2:
+        what = f"every image was in both sets: the {len(both)} usable image(s) of published and unpublished are the same"
+    else:
+        what = f"every usable {empty[0]} image is also in the other set ({len(both)} image(s) in both sets)"
+    return (f"{what} — an image in both sets is evidence for neither side and is dropped from both, leaving nothing "
+            "to compare; check that published and unpublished name different collections")
+
+
 def rows_by_content(job: AuditJob, rows: dict[str, int]) -> dict[str, int]:
     """``content hash → store row`` of one audit (store rows are by key; the first listing of a
     content wins, as in :func:`select_rows`)."""
@@ -359,6 +374,10 @@ class AuditAggregator:
             return AuditOutcome(job.audit_id, "failed", error=f"{type(exc).__name__}: {exc}", role=job.role)
         out = AuditOutcome(job.audit_id, "failed", n_published=len(P), n_unpublished=len(U), unusable=unusable,
                            role=job.role)
+        overlap = overlap_problem(len(P), len(U), unusable)
+        if overlap:
+            out.error = overlap
+            return out
         try:
             out.result = run_test(P, U, procedure=job.procedure, alpha=job.alpha, seed=job.seed, **job.options)
             out.controls = run_controls(job, hp, hu, descriptors)

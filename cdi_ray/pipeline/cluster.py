@@ -54,11 +54,12 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     _RAY["local"] = not address
 
 
-def exit_process(code: int) -> None:
+def exit_process(code: int, last_line: str | None = None) -> None:
     """End a command-line process (``jobs/*.py``, ``python -m cdi_ray``) now: stop the Ray it
     started, flush the output and logs, and exit without the interpreter's teardown, which takes
     seconds once torch and Ray Data are loaded (module by module, thread by thread) and does
-    nothing a finished command needs."""
+    nothing a finished command needs. ``last_line`` is printed after Ray is stopped, so that no
+    forwarded worker log can follow it: it is the last line on stdout."""
     import sys
 
     if "ray" in sys.modules:
@@ -66,6 +67,8 @@ def exit_process(code: int) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
+    if last_line is not None:
+        print(last_line)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -247,15 +247,18 @@ def _parquet(rows: list[dict], schema: dict[str, pa.DataType]) -> bytes:
 
 
 def write_results(batch: BatchResult) -> None:
-    """``results.json``, ``results.parquet`` and ``images.parquet`` under ``batch.output`` (each atomic).
+    """``results.json``, ``results.parquet`` and ``images.parquet`` under ``batch.output``, as one set.
 
-    The JSON goes last: its presence marks a complete set.
+    Every file is built in memory first (a value that cannot be stored fails here, before anything
+    is written), then written with :func:`cdi_ray.storage.atomic_write_set` — temp names, renamed
+    into place only when all are written, the JSON last: its presence marks a complete set, and a
+    failure leaves the previous set as it was, never a mix of old and new files.
     """
     images = [{"audit_id": a["audit_id"], **img} for a in batch.audits for img in a["unusable_images"]]
-    storage.atomic_write_bytes(storage.join(batch.output, RESULTS_PARQUET), _parquet(batch.audits, ENTRY_COLUMNS))
-    storage.atomic_write_bytes(storage.join(batch.output, IMAGES_PARQUET), _parquet(images, IMAGE_COLUMNS))
     text = json.dumps(batch.to_dict(), indent=2, sort_keys=False, allow_nan=False)
-    storage.atomic_write_bytes(storage.join(batch.output, RESULTS_JSON), text.encode())
+    storage.atomic_write_set({storage.join(batch.output, RESULTS_PARQUET): _parquet(batch.audits, ENTRY_COLUMNS),
+                              storage.join(batch.output, IMAGES_PARQUET): _parquet(images, IMAGE_COLUMNS),
+                              storage.join(batch.output, RESULTS_JSON): text.encode()})
 
 
 def read_results(output: str) -> dict:

@@ -63,6 +63,13 @@ class Run:
         output = out or manifest.output
         return cls(output, feature_store or manifest.store_uri(output), storage.join(output, PLAN_DIR))
 
+    def check_writable(self) -> None:
+        """Probe the output and the feature store before anything is computed: a location that is a
+        file, read-only or denied fails now (:class:`cdi_ray.storage.UnwritableLocation`), not after
+        every feature was computed."""
+        storage.probe_writable(self.output, "output")
+        storage.probe_writable(self.store, "feature store")
+
     def lap(self, name: str) -> None:
         """Record the seconds since the previous lap as stage ``name``."""
         now = time.time()
@@ -106,8 +113,10 @@ def plan_manifest(manifest: Manifest, out: str | None = None, *, feature_store: 
     The plan is written under ``<output>/plan/`` (``plan.json``: per model the images and rows it
     would compute, per audit its status). Arguments as :func:`run_manifest`.
     """
+    run = Run.of(manifest, out, feature_store)
+    run.check_writable()
     cluster.ensure_ray()
-    return _plan(manifest, Run.of(manifest, out, feature_store), rehash)[3]
+    return _plan(manifest, run, rehash)[3]
 
 
 def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: str | None = None,
@@ -129,8 +138,14 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
 
     Returns:
         :class:`BatchResult`; ``.exit_code`` is 0 if every audit is done, 3 if some failed.
+
+    Raises:
+        cdi_ray.storage.UnwritableLocation: the output or the feature store cannot be written
+            (probed first, before anything is listed or computed).
+        KeyboardInterrupt: Ctrl-C; the feature streams are stopped, what they stored is kept.
     """
     run = Run.of(manifest, out, feature_store)
+    run.check_writable()
     cluster.ensure_ray()
     cluster.prefetch_imports()
     listings, models, hashed, plan = _plan(manifest, run, rehash)                                  # 1–4

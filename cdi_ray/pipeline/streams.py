@@ -14,6 +14,7 @@ the driver — the rows themselves go to the feature store or the run's folder.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from cdi_ray import console
@@ -88,10 +89,12 @@ def _read(uri: str, n: int, max_blocks: int | None = None):
 
 
 def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
-                   progress: console.ProgressBar | None = None) -> StreamCounts:
+                   progress: console.ProgressBar | None = None, stop: threading.Event | None = None) -> StreamCounts:
     """Run one model's stream over its work file (:class:`cdi_ray.pipeline.plan.StreamPlan`).
 
-    ``progress`` advances by images (a row is one (image, config) pair).
+    ``progress`` advances by images (a row is one (image, config) pair). When ``stop`` is set the
+    stream ends at its next batch (leaving the loop closes Ray Data's iterator, which shuts its
+    executor and actor pool down); the counts so far are returned.
     """
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -134,6 +137,8 @@ def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
     per_row = stream.images / max(1, stream.rows)
     # small summary batches: the rows are tiny, and the progress bar moves with each one
     for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
+        if stop is not None and stop.is_set():
+            break
         status = batch.column("status").to_pylist()
         counts.rows += len(status)
         counts.computed += status.count(STATUS_OK)
