@@ -13,12 +13,14 @@ Design ("first look + increment walk", chosen by measured power, docs/VERDICTS.m
    discriminant fitted on every image already tested scores the new ones, and an exact
    permutation test over the new images' labels gives a randomised p-value pₛ, which under H0
    is exactly Uniform(0, 1) and independent of the past (the scorer never saw the new labels).
-   ζₛ = Φ⁻¹(1 − pₛ) is then exactly N(0, 1), so Sₜ = Σ √nₛ·ζₛ (nₛ = the look's effective
-   sample size) is a Gaussian random walk with variance Iₜ = Σ nₛ.
+   ζₛ = Φ⁻¹(1 − pₛ) is then exactly N(0, 1), so Sₜ = Σ wₛ·ζₛ is a Gaussian random walk with
+   variance Iₜ = Σ wₛ². The weight wₛ = √nₛ · mₛ/(mₛ + m₀) (nₛ the look's effective sample
+   size, mₛ the size of the past its scorer was fitted on) depends on sizes only, never on
+   outcomes, and gives less say to increments scored by a scorer fitted on few images.
 3. ``used`` when Sₜ crosses a group-sequential boundary bₜ computed by numerical recursion so
    that the walk's crossing probability up to look t is exactly α·(g(I₁+Iₜ) − g(I₁)).
 
-The spending function g(I) = I / (I + τ) (I in effective images, n_P·n_U/(n_P+n_U)) never
+The spending function g(E) = E / (E + τ) (E in effective images tested, Σ n_P·n_U/(n_P+n_U)) never
 reaches 1, so an audit can run for ever; half of α is spent once τ effective images were
 tested. The first look and the walk split α (a union bound), so the probability that the audit
 EVER says ``used`` under H0 is ≤ α·sup g < α — exactly, for any number of nights, increment
@@ -62,7 +64,9 @@ class SequentialDesign:
     Attributes:
         tau (`float`, defaults to 500): spending scale τ in effective images — α·I/(I+τ) is spent
             once I effective images were tested (+50 per side per night adds 25 a night).
-            Chosen on tuning seeds (docs/VERDICTS.md §6).
+            Chosen on tuning seeds (docs/VERDICTS.md, "Nightly re-audits").
+        weight_half (`float`, defaults to 500): m₀, the past size (images per side) at which an
+            increment's weight is halved; 0 weighs every effective image alike. Tuned likewise.
         min_new_per_side (`int`, defaults to 10): a look needs at least this many untested
             images on each side; fewer wait for a later night.
         procedure (`str`, defaults to ``"crossfit-permutation"``): the first look's test.
@@ -73,6 +77,7 @@ class SequentialDesign:
     """
 
     tau: float = 500.0
+    weight_half: float = 500.0
     min_new_per_side: int = 10
     procedure: str = "crossfit-permutation"
     options: dict = field(default_factory=dict)
@@ -82,6 +87,8 @@ class SequentialDesign:
     def __post_init__(self):
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise ValueError(f"tau must be a positive number of effective images; got {self.tau!r}")
+        if not (math.isfinite(self.weight_half) and self.weight_half >= 0):
+            raise ValueError(f"weight_half must be ≥ 0 images; got {self.weight_half!r}")
         if int(self.min_new_per_side) < 2:
             raise ValueError(f"min_new_per_side must be ≥ 2; got {self.min_new_per_side!r}")
         if self.procedure not in PROCEDURES or not PROCEDURES[self.procedure].calibrated:
@@ -91,9 +98,9 @@ class SequentialDesign:
             raise ValueError(f"need ridge ≥ 0 and n_permutations ≥ 99; got {self.ridge!r}, {self.n_permutations!r}")
 
 
-def spending(information: float, tau: float) -> float:
-    """g(I) = I / (I + τ): the share of α spent once ``information`` effective images were tested."""
-    return float(information) / (float(information) + float(tau)) if information > 0 else 0.0
+def spending(effective_images: float, tau: float) -> float:
+    """g(E) = E / (E + τ): the share of α spent once ``effective_images`` were tested."""
+    return float(effective_images) / (float(effective_images) + float(tau)) if effective_images > 0 else 0.0
 
 
 def _effective_n(n_p: int, n_u: int) -> float:
@@ -109,12 +116,13 @@ class Look:
     n_new_published: int
     n_new_unpublished: int
     pvalue: float               # first look: run_test's p; later: the increment's randomised p
-    information: float          # walk information after this look (0 for the first look)
+    effective_images: float     # Σ n_P·n_U/(n_P+n_U) of every look so far (drives α spending)
+    information: float          # walk variance Σ w² after this look (0 for the first look)
     statistic: float            # walk sum S after this look (0 for the first look)
     boundary: float             # walk boundary b (first look: +inf, stored as None in JSON)
     level: float                # nominal level of tonight's decision
     nominal_pvalue: float       # p compared with ``level``: first look p; walk Φ̄(S/√I)
-    alpha_spent: float          # α·g(total information) after this look
+    alpha_spent: float          # α·g(effective_images) after this look
     used: bool
 
 
@@ -397,23 +405,28 @@ def next_look(state: SequentialState | None, published_features, unpublished_fea
                        **_first_look_options(d, level))
         p = nominal = float(res.pvalue)
         used = p <= level and res.direction == "P>U"
-        info_walk, S, b, spent_total_info = 0.0, 0.0, math.inf, n_eff
+        info_walk, S, b, effective = 0.0, 0.0, math.inf, n_eff
     else:  # a later look: the new images' evidence joins the walk
         first, walk = state.looks[0], state.looks[1:]
-        I1 = _effective_n(first.n_new_published, first.n_new_unpublished)
+        if min((~new_p).sum(), (~new_u).sum()) < 2:
+            raise ValueError("the images tested on earlier nights are missing from tonight's collections (fewer than "
+                             "2 per side remain); a standing audit's collections may grow, not be replaced — "
+                             "start a new audit for new collections")
         p = increment_pvalue(P[~new_p], U[~new_u], P[new_p], U[new_u], ridge=d.ridge,
                              n_permutations=d.n_permutations, seed=looks_seed)
-        info_walk = (walk[-1].information if walk else 0.0) + n_eff
-        S = (walk[-1].statistic if walk else 0.0) + math.sqrt(n_eff) * float(st.norm.isf(p))
-        spent_total_info = I1 + info_walk
-        target = state.alpha * (spending(spent_total_info, d.tau) - spending(I1, d.tau))
+        past = 2 * _effective_n(int((~new_p).sum()), int((~new_u).sum()))  # = images per side when balanced
+        w = math.sqrt(n_eff) * (past / (past + d.weight_half) if d.weight_half > 0 else 1.0)
+        info_walk = (walk[-1].information if walk else 0.0) + w * w
+        S = (walk[-1].statistic if walk else 0.0) + w * float(st.norm.isf(p))
+        effective = state.looks[-1].effective_images + n_eff
+        target = state.alpha * (spending(effective, d.tau) - spending(first.effective_images, d.tau))
         b, _ = walk_boundary([lk.information for lk in walk] + [info_walk], [lk.boundary for lk in walk], target)
         level = float(st.norm.sf(b / math.sqrt(info_walk)))
         nominal = float(st.norm.sf(S / math.sqrt(info_walk)))
         used = S >= b
     look = Look(look=t, label=label, n_new_published=n_new_p, n_new_unpublished=n_new_u, pvalue=float(p),
-                information=info_walk, statistic=S, boundary=b, level=level, nominal_pvalue=nominal,
-                alpha_spent=state.alpha * spending(spent_total_info, d.tau), used=bool(used))
+                effective_images=effective, information=info_walk, statistic=S, boundary=b, level=level,
+                nominal_pvalue=nominal, alpha_spent=state.alpha * spending(effective, d.tau), used=bool(used))
     new_state = replace(state, looks=state.looks + (look,),
                         tested_published=state.tested_published | {k for k, n in zip(kp, new_p) if n},
                         tested_unpublished=state.tested_unpublished | {k for k, n in zip(ku, new_u) if n})
