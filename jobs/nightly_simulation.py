@@ -12,7 +12,7 @@ night at α, a ``used`` whenever p ≤ α — and (b) ``cdi_ray.stats.sequential
 night (state round-tripped through JSON), at α = 0.01 and 0.05, and tabulates the fraction of
 histories with ANY ``used`` night (with its Clopper–Pearson 95 % interval) and the first night.
 ``tune`` records the raw evidence of every night (cumulative p-values, increment p-values) on
-SEPARATE seeds and compares the candidate designs offline (docs/VERDICTS.md §6); the design's
+SEPARATE seeds and compares the candidate designs offline (docs/VERDICTS.md §5.4); the design's
 parameters were chosen there, never on the report seeds.
 
 Resumable: every history is cached as ``<cache>/<mode>/<scenario>/<index>.json`` and skipped
@@ -309,7 +309,8 @@ def main(args) -> dict:
                summarise_tune(records, tuple(args.alphas), args.nights, args.per_night))
     result = {"mode": args.mode, "histories": args.histories, "power_histories": args.power_histories or args.histories,
               "nights": args.nights, "per_night": args.per_night, "k": K, "alphas": args.alphas,
-              "root_seed": ROOT_SEED[args.mode], "design": dataclasses.asdict(SequentialDesign()) if args.mode == "report" else None,
+              "root_seed": ROOT_SEED[args.mode],
+              "design": dataclasses.asdict(SequentialDesign()) if args.mode == "report" else None,
               "scenarios": {s: SCENARIOS[s] for s in args.scenarios}, "wall_s_this_run": time.time() - t0,
               "cpu_s_total": float(sum(r["cpu_s"] for r in records)), "summary": summary,
               "numpy": np.__version__, "date": time.strftime("%Y-%m-%d")}

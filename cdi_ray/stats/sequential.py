@@ -2,13 +2,14 @@
 
 A standing audit whose collections grow is tested again every night. Testing the whole
 collection at α each night lets the chance that *some* night says ``used`` grow with the
-number of nights (measured: 15 % within 30 nights at α = 0.01). This module keeps that chance
-≤ α however many nights the audit runs (docs/VERDICTS.md, "Nightly re-audits").
+number of nights (measured: 11–12 % within 30 nights at α = 0.01, ~40 % at α = 0.05). This
+module keeps that chance ≤ α however many nights the audit runs (docs/VERDICTS.md, "Nightly
+re-audits: controlled over the audit's life", which also records how the design was chosen).
 
-Design ("first look + increment walk", chosen by measured power, docs/VERDICTS.md §6):
+Design ("first look + increment walk", chosen by measured power):
 
-1. **First look** — the first night with images on both sides runs the ordinary test
-   (``run_test``, any calibrated procedure) on the whole collection at the level α·g(I₁).
+1. **First look** — the first night with enough images on both sides runs the ordinary test
+   (``run_test``, any calibrated procedure) on the whole collection at the level α·g(E₁).
 2. **Every later look** tests only the images that are new since the last look: a ridge
    discriminant fitted on every image already tested scores the new ones, and an exact
    permutation test over the new images' labels gives a randomised p-value pₛ, which under H0
@@ -18,11 +19,11 @@ Design ("first look + increment walk", chosen by measured power, docs/VERDICTS.m
    size, mₛ the size of the past its scorer was fitted on) depends on sizes only, never on
    outcomes, and gives less say to increments scored by a scorer fitted on few images.
 3. ``used`` when Sₜ crosses a group-sequential boundary bₜ computed by numerical recursion so
-   that the walk's crossing probability up to look t is exactly α·(g(I₁+Iₜ) − g(I₁)).
+   that the walk's crossing probability up to look t is exactly α·(g(Eₜ) − g(E₁)).
 
-The spending function g(E) = E / (E + τ) (E in effective images tested, Σ n_P·n_U/(n_P+n_U)) never
-reaches 1, so an audit can run for ever; half of α is spent once τ effective images were
-tested. The first look and the walk split α (a union bound), so the probability that the audit
+The spending function g(E) = E / (E + τ), E the effective images tested so far (Σ over looks of
+n_P·n_U/(n_P+n_U)), never reaches 1, so an audit can run for ever; half of α is spent once τ
+effective images were tested. The first look and the walk split α (a union bound), so the probability that the audit
 EVER says ``used`` under H0 is ≤ α·sup g < α — exactly, for any number of nights, increment
 sizes and feature distribution, given that each night's new published and unpublished images
 are exchangeable under H0. A ``used`` is final: later nights keep it and take no more looks.
@@ -399,7 +400,7 @@ def next_look(state: SequentialState | None, published_features, unpublished_fea
     looks_seed = _look_seed(state.seed, t)
     n_new_p, n_new_u = int(new_p.sum()), int(new_u.sum())
     n_eff = _effective_n(n_new_p, n_new_u)
-    if t == 1:  # the first look: the ordinary test on the whole collection at level α·g(I₁)
+    if t == 1:  # the first look: the ordinary test on the whole collection at level α·g(E₁)
         level = state.alpha * spending(n_eff, d.tau)
         res = run_test(P[new_p], U[new_u], procedure=d.procedure, alpha=level, seed=looks_seed,
                        **_first_look_options(d, level))
