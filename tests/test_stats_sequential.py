@@ -50,6 +50,23 @@ def test_any_night_false_used_rate_is_at_most_alpha():
     assert ci.low <= spent, (used, n_hist, spent)
 
 
+@pytest.mark.slow
+def test_per_night_testing_exceeds_alpha_where_the_rule_does_not():
+    """The problem the rule solves, on the same cheap histories: testing the whole collection at α
+    every night says `used` on some night far more often than α."""
+    from cdi_ray.stats import run_test
+
+    alpha, n_hist, nights = 0.05, 300, 8
+    per_night = sequential = 0
+    for h in range(n_hist):
+        rng = np.random.default_rng([h, 99])
+        per_night += any(run_test(P, U, alpha=alpha, seed=h, max_permutations=199).pvalue <= alpha
+                         for P, U in _history(rng, nights))
+        sequential += _run(h, nights, alpha)[0][-1].may_say_used
+    assert st.binomtest(per_night, n_hist, alpha, alternative="greater").pvalue < 1e-6
+    assert st.binomtest(sequential, n_hist, alpha, alternative="greater").pvalue > 0.05
+
+
 def test_increment_pvalue_is_uniform_under_h0():
     rng = np.random.default_rng(5)
     p = np.array([increment_pvalue(rng.standard_normal((30, K)), rng.standard_normal((25, K)),
