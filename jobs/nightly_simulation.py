@@ -3,21 +3,21 @@
 A history is one standing audit: night t holds 50·t published and 50·t unpublished images
 (+50 per side per night), k = 26 features, tested every night for 30 nights.
 
-    python jobs/nightly_simulation.py --mode report --workers 2            # the reported table
-    python jobs/nightly_simulation.py --mode tune --histories 200 --workers 2   # design choice
-    python jobs/nightly_simulation.py --smoke-test                          # seconds, tiny counts
+    python jobs/nightly_simulation.py --mode report --power-histories 500 --workers 2   # the reported table
+    python jobs/nightly_simulation.py --mode tune --histories 200 --workers 2            # design choice
+    python jobs/nightly_simulation.py --smoke-test                                       # seconds, tiny counts
 
 ``report`` runs, per history, (a) today's behaviour — ``run_test`` on the whole collection every
 night at α, a ``used`` whenever p ≤ α — and (b) ``cdi_ray.stats.sequential.next_look`` night by
 night (state round-tripped through JSON), at α = 0.01 and 0.05, and tabulates the fraction of
 histories with ANY ``used`` night (with its Clopper–Pearson 95 % interval) and the first night.
 ``tune`` records the raw evidence of every night (cumulative p-values, increment p-values) on
-SEPARATE seeds and compares the candidate designs offline (docs/VERDICTS.md §5.4); the design's
+SEPARATE seeds and compares the candidate designs offline (docs/VERDICTS.md §5.3); the design's
 parameters were chosen there, never on the report seeds.
 
 Resumable: every history is cached as ``<cache>/<mode>/<scenario>/<index>.json`` and skipped
 when present; seeds are explicit (history i of scenario s uses SeedSequence([root, s, i]), root
-20_261 for report, 90_210 for tune).
+20_261 for report, 90_210 for tune, ``--root-seed`` for an independent repeat).
 """
 from __future__ import annotations
 
@@ -67,10 +67,10 @@ def draw(family: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return math.sqrt(0.3) * t5((n, K)) + math.sqrt(0.7) * t5((n, 3))[:, FAMILY_OF_FEATURE]
 
 
-def history(scenario: str, index: int, mode: str, nights: int, per_night: int):
+def history(scenario: str, index: int, root: int, nights: int, per_night: int):
     """Yield (night, P, U) with the WHOLE collections of each night (new rows appended)."""
     family, n_shift, delta = SCENARIOS[scenario]
-    rng = np.random.default_rng(np.random.SeedSequence([ROOT_SEED[mode], list(SCENARIOS).index(scenario), index]))
+    rng = np.random.default_rng(np.random.SeedSequence([root, list(SCENARIOS).index(scenario), index]))
     P, U = np.empty((0, K)), np.empty((0, K))
     for night in range(1, nights + 1):
         new_p = draw(family, per_night, rng)
@@ -87,7 +87,8 @@ def audit_seed(scenario: str, index: int) -> int:
 # --------------------------------------------------------------------------------------
 # One history
 # --------------------------------------------------------------------------------------
-def report_history(scenario: str, index: int, nights: int, per_night: int, alphas: tuple, design: dict) -> dict:
+def report_history(scenario: str, index: int, root: int, nights: int, per_night: int, alphas: tuple, design: dict,
+                   per_night_test: bool = True) -> dict:
     """Per-night test (every night, stop after its first `used` at the smallest α) and next_look at each α."""
     t0 = time.process_time()
     seed = audit_seed(scenario, index)
@@ -96,8 +97,8 @@ def report_history(scenario: str, index: int, nights: int, per_night: int, alpha
     first_design = {a: None for a in alphas}
     states = {a: None for a in alphas}
     pvals = []
-    for night, P, U in history(scenario, index, "report", nights, per_night):
-        if first_per_night[a_min] is None:
+    for night, P, U in history(scenario, index, root, nights, per_night):
+        if per_night_test and first_per_night[a_min] is None:
             # cap 999 decides p ≤ 0.01 and p ≤ 0.05 exactly as the default cap (h = 10 stops by L = 1000)
             r = run_test(P, U, alpha=a_min, seed=seed, max_permutations=999)
             pvals.append(r.pvalue)
@@ -123,7 +124,7 @@ def report_history(scenario: str, index: int, nights: int, per_night: int, alpha
 TUNE_RIDGES = (1.0, 10.0)
 
 
-def tune_history(scenario: str, index: int, nights: int, per_night: int, stop_below: float = 1e-6) -> dict:
+def tune_history(scenario: str, index: int, root: int, nights: int, per_night: int, stop_below: float = 1e-6) -> dict:
     """Raw evidence of every night: the whole-collection test's p and each increment's randomised p
     for every candidate ridge ρ. The whole-collection test runs with a 999 cap (its decisions at
     α = 0.01 and 0.05 are those of the default cap); where p sits at the 1e-3 floor the Gaussian
@@ -133,7 +134,7 @@ def tune_history(scenario: str, index: int, nights: int, per_night: int, stop_be
     seed = audit_seed(scenario, index)
     cum, zeta = [], {str(r): [] for r in TUNE_RIDGES}
     prev = None
-    for night, P, U in history(scenario, index, "tune", nights, per_night):
+    for night, P, U in history(scenario, index, root, nights, per_night):
         if not cum or cum[-1] > stop_below:
             r = run_test(P, U, alpha=0.01, seed=seed, max_permutations=999)
             p = r.pvalue if not r.p_at_floor or r.p_tail_estimate is None else min(r.pvalue, r.p_tail_estimate)
@@ -181,9 +182,9 @@ def summarise_report(records: list, alphas: tuple, nights: int) -> dict:
         recs = [r for r in records if r["scenario"] == sc]
         if not recs:
             continue
-        out[sc] = {str(a): {"per_night": _first_nights([r["first_used_per_night"][str(a)] for r in recs], nights),
-                            "sequential": _first_nights([r["first_used_sequential"][str(a)] for r in recs], nights)}
-                   for a in alphas}
+        rules = ("per_night", "sequential") if any(r["per_night_pvalues"] for r in recs) else ("sequential",)
+        out[sc] = {str(a): {rule: _first_nights([r[f"first_used_{rule}"][str(a)] for r in recs], nights)
+                            for rule in rules} for a in alphas}
         out[sc]["cpu_s_per_history"] = float(np.mean([r["cpu_s"] for r in recs]))
     return out
 
@@ -267,6 +268,9 @@ def parse_args(argv=None):
     p.add_argument("--per-night", type=int, default=50, help="new images per side per night")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.01, 0.05])
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    p.add_argument("--root-seed", type=int, help="root of the histories' seeds (default: 20261 report, 90210 tune); "
+                   "another root gives independent histories, cached apart")
+    p.add_argument("--no-per-night", action="store_true", help="report mode: run only the sequential rule")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cache", default="out/nightly_simulation_cache", help="per-history cache (out/ is git-ignored)")
     p.add_argument("--out", help="summary JSON (default: docs/measurements/nightly_<mode>.json)")
@@ -281,13 +285,14 @@ def main(args) -> dict:
         args.cache = tempfile.mkdtemp(prefix="nightly_smoke_")
         args.out = os.path.join(args.cache, "summary.json")
     out_path = args.out or f"docs/measurements/nightly_{args.mode}.json"
-    kw = dict(nights=args.nights, per_night=args.per_night)
+    root = ROOT_SEED[args.mode] if args.root_seed is None else args.root_seed
+    kw = dict(root=root, nights=args.nights, per_night=args.per_night)
     if args.mode == "report":
-        kw.update(alphas=tuple(args.alphas), design={})  # the module's default design
+        kw.update(alphas=tuple(args.alphas), design={}, per_night_test=not args.no_per_night)  # the default design
     tasks, paths = [], []
     for sc in args.scenarios:
         n = args.histories if SCENARIOS[sc][1] is None else (args.power_histories or args.histories)
-        d = os.path.join(args.cache, args.mode, sc)
+        d = os.path.join(args.cache, args.mode if root == ROOT_SEED[args.mode] else f"{args.mode}-root{root}", sc)
         os.makedirs(d, exist_ok=True)
         for i in range(n):
             path = os.path.join(d, f"{i}.json")
@@ -309,7 +314,7 @@ def main(args) -> dict:
                summarise_tune(records, tuple(args.alphas), args.nights, args.per_night))
     result = {"mode": args.mode, "histories": args.histories, "power_histories": args.power_histories or args.histories,
               "nights": args.nights, "per_night": args.per_night, "k": K, "alphas": args.alphas,
-              "root_seed": ROOT_SEED[args.mode],
+              "root_seed": root, "per_night_test": args.mode == "tune" or not args.no_per_night,
               "design": dataclasses.asdict(SequentialDesign()) if args.mode == "report" else None,
               "scenarios": {s: SCENARIOS[s] for s in args.scenarios}, "wall_s_this_run": time.time() - t0,
               "cpu_s_total": float(sum(r["cpu_s"] for r in records)), "summary": summary,
