@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
+
+#: The session's S3 secret key (tests/conftest.py ``s3_server``): it must never appear in any output or log.
+S3_SECRET = f"cdi-ray-test-secret-{uuid.uuid4().hex}"
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -64,23 +67,3 @@ def env(values: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-# -- fixtures shared by the pipeline modules (import them by name; each module gets its own Ray) --
-@pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server for the module; yields the environment that points boto3 at it."""
-    with moto_s3() as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_env, tmp_path_factory):
-    """A local Ray whose workers see the moto S3 endpoint and a module-private model cache."""
-    import ray
-
-    cache = str(tmp_path_factory.mktemp("model-cache"))
-    worker_env = {**s3_env, "CDI_RAY_CACHE": cache}
-    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": worker_env})
-    yield worker_env
-    ray.shutdown()

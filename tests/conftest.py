@@ -1,15 +1,30 @@
-"""Shared fixtures: tiny model directories of every family, built once per test session.
+"""Shared fixtures, each built once per test session.
 
-Each fixture returns the ``Path`` of a directory written by ``cdi_ray.models.testing``;
-``cdi_ray.models.load_model(path)`` loads it. Tests must not modify these directories
-(copy one with ``shutil.copytree`` first).
+* Tiny model directories of every family: each fixture returns the ``Path`` of a directory
+  written by ``cdi_ray.models.testing``; ``cdi_ray.models.load_model(path)`` loads it. Tests must
+  not modify these directories (copy one with ``shutil.copytree`` first).
+* ``s3_server``: ONE moto S3 server on loopback for the session, behind the fault-injecting proxy
+  (tests/_fault_proxy.py). From the moment it is requested the session's environment points
+  boto3 at the proxy, so this process and every Ray worker started after see the same S3. Each
+  test module uses buckets of its own; tests that inject faults clear the proxy's rules after.
+* ``ray_session``: ONE local Ray for the session (8 logical CPUs on the 2-core CI box: a read →
+  decode → actor → write stream deadlocks on 2), started inside that environment so workers
+  inherit it — the S3 secret reaches no runtime_env, job or log record. A Ray start-up costs
+  seconds; sharing one keeps the suite within its budget. Only tests that need a cluster of a
+  different kind start their own, and say why (``ray start --head`` for ``ray job submit``; a
+  CLI subprocess that must start a local Ray to show the local progress bar).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 
+from cdi_ray import storage
 from cdi_ray.models import testing
+from _fault_proxy import FaultProxy
+from _pipeline_helpers import S3_SECRET, env, moto_s3
 
 # The tiny test models run ~100x faster on one intra-op thread than on an oversubscribed pool
 # (a 16x16 conv: 0.5 ms vs 50 ms on a busy 2-core CI box); nothing in the suite needs more.
@@ -64,3 +79,47 @@ def tiny_uvit_class_dir(tmp_path_factory):
 def tiny_uvit_text_dir(tmp_path_factory):
     """Text-conditional U-ViT (uvit_t2i, 8 CLIP tokens of width 32): RGB 16×16 → latent (4, 8, 8)."""
     return testing.make_tiny_uvit(tmp_path_factory.mktemp("models") / "uvit_text", "text", image_size=16)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """The session's S3: ``env`` is what boto3 and Ray's workers see (through ``proxy``);
+    ``direct`` is a client straight to moto, for setting up objects without touching the proxy."""
+
+    env: dict
+    proxy: FaultProxy
+    direct: object
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    import boto3
+    from botocore.config import Config
+
+    cache = str(tmp_path_factory.mktemp("model-cache"))
+    with moto_s3() as e, FaultProxy(e["AWS_ENDPOINT_URL"]) as proxy:
+        values = {**e, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_ENDPOINT_URL": proxy.url, "CDI_RAY_CACHE": cache}
+        with env(values):
+            storage.reset_client()
+            # objects uploaded without a CRC (as by many tools): the ETag (MD5) is their only checksum
+            direct = boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"],
+                                  config=Config(request_checksum_calculation="when_required"))
+            yield S3Server(env=values, proxy=proxy, direct=direct)
+    storage.reset_client()
+
+
+@dataclass(frozen=True)
+class RaySession:
+    address: str  #: the GCS address, for a driver subprocess that joins this cluster
+    env: dict  #: the environment its workers inherited (the session's S3)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    import ray
+
+    if ray.is_initialized():  # started by code under test outside this fixture: restart it inside the S3 environment
+        ray.shutdown()
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield RaySession(address=ray.get_runtime_context().gcs_address, env=s3_server.env)
+    ray.shutdown()

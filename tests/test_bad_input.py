@@ -98,18 +98,11 @@ def bad_models(tiny_pixel_dir, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def audit(aid, model, p, u, **kw):
     return {"id": aid, "model": model, "published": str(p), "unpublished": str(u), "overrides": FAST, "test": TEST, **kw}
 
 
-def test_bad_input_batch_partial_failure(ray_local, tiny_pixel_dir, collections, bad_models, tmp_path, capsys):
+def test_bad_input_batch_partial_failure(ray_session, tiny_pixel_dir, collections, bad_models, tmp_path, capsys):
     from cdi_ray.models.testing import make_tiny_pixel_ddpm
 
     rgb_model = make_tiny_pixel_ddpm(tmp_path / "rgb-model", image_size=16, channels=3)

@@ -1,4 +1,5 @@
-"""jobs/bench_job.py runs and its table has the expected rows (tiny models and counts; no timings checked)."""
+"""jobs/benchmark.py (its sections in jobs/bench/) runs and its table has the expected rows
+(tiny models and counts; no timings checked)."""
 from __future__ import annotations
 
 import importlib.util
@@ -64,16 +65,11 @@ def test_gpu_mode_without_cuda_is_a_clear_error(bench_job, capsys):
 
 
 @pytest.mark.slow
-def test_pipeline_sections(bench_job, tmp_path):
-    """Three child drivers on one local Ray (≈ 30 s on an idle 2-core machine)."""
-    import ray
-
+def test_pipeline_sections(bench_job, tmp_path, ray_session):
+    """Three child drivers on the session's Ray (≈ 30 s on an idle 2-core machine)."""
     args = bench_job.parse_args(["--tiny", "--only", "e2e,scaling", "--preset", "gray-box", "--source", "local",
                                  "--collections", "1,2", "--seconds", "0.05", "--workdir", str(tmp_path)])
-    try:
-        rows, state = bench_job.run(args)
-    finally:
-        ray.shutdown()
+    rows, state = bench_job.run(args)
     assert set(state["e2e"]) == {"gray-box/local"}
     e2e = state["e2e"]["gray-box/local"]
     assert e2e["computed"] == args.e2e_images and e2e["done"] == 1

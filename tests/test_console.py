@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from cdi_ray.console import ProgressBar, format_duration
-from cdi_ray.pipeline.run import MIN_WRITES_PER_STREAM, WRITE_BATCH, write_batch_size
+from cdi_ray.pipeline.streams import MIN_WRITES_PER_STREAM, WRITE_BATCH, write_batch_size
 
 from _pipeline_helpers import write_images
 
@@ -73,7 +73,11 @@ def test_write_batches_publish_rows_as_they_are_computed():
 
 
 def test_cli_audit_is_quiet_and_shows_progress(tmp_path, tiny_pixel_dir):
-    """A CLI audit on a local Ray: the summary and one progress bar — no INFO lines, no Ray chatter."""
+    """A CLI audit on a local Ray: the summary and one progress bar — no INFO lines, no Ray chatter.
+
+    The CLI subprocess starts a Ray of its own rather than joining the session's: what is checked is
+    exactly what a user sees when ``cdi-ray audit`` starts a local Ray (its start-up noise, and the
+    local progress bar, which a run on a joined cluster leaves to Ray Data)."""
     write_images(tmp_path / "P", 12, seed=1)
     write_images(tmp_path / "U", 12, seed=2)
     manifest = {

@@ -10,17 +10,7 @@ N = 60  # above stats.MIN_SAMPLES (50); the easy model's members separate at nâ‰
 PRESET = "gray-box"  # forward passes only: a third of the white-box cost, still decisive on the easy model
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A Ray of this module's own (other modules start theirs with their own settings)."""
-    import ray
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_demo_audit_reaches_the_right_verdicts(ray_local, tmp_path):
+def test_demo_audit_reaches_the_right_verdicts(ray_session, tmp_path):
     res = run_demo(tmp_path, n=N, models=("easy",), preset=PRESET)
     entries = {e["audit_id"]: e for e in res["results"]["audits"]}
     assert all(e["status"] == "done" for e in entries.values()), entries

@@ -3,6 +3,9 @@
 The head runs in its own session (``start_new_session``) with its own ``--temp-dir`` and free
 ports, so it never touches another Ray on this machine; teardown stops exactly the processes of
 that session (SIGTERM, then SIGKILL) — never ``ray stop``, which would stop every Ray here.
+It cannot share the session's Ray (tests/conftest.py ``ray_session``): ``ray job submit`` needs a
+head started by ``ray start --head`` with its dashboard and job server, which the session's
+in-process local Ray does not have.
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from _pipeline_helpers import moto_s3
 from cdi_ray import storage
 from cdi_ray.models import load_model
 from cdi_ray.models.fingerprint import model_fingerprint
@@ -38,23 +37,26 @@ def upload(client, folder: Path, prefix: str) -> None:
         client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(folder).as_posix()}")
 
 
-@pytest.fixture()
-def s3_model(tmp_path, tiny_pixel_dir, monkeypatch):
-    """The tiny pixel model plus a 12 MB weight-like file (so fetches overlap in time), uploaded to moto S3."""
-    import boto3
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    s3_server.direct.create_bucket(Bucket=BUCKET)
+    return s3_server.direct
 
+
+@pytest.fixture()
+def s3_model(tmp_path, tiny_pixel_dir, monkeypatch, s3_server, bucket):
+    """The tiny pixel model plus a 12 MB weight-like file (so fetches overlap in time), uploaded to
+    the session's S3 into an emptied bucket, with a cache of the test's own."""
     src = tmp_path / "src"
     shutil.copytree(tiny_pixel_dir, src)
     (src / "unet" / "extra.bin").write_bytes(os.urandom(12 << 20))
-    with moto_s3() as env:
-        for k, v in {**env, "CDI_RAY_CACHE": str(tmp_path / "cache")}.items():
-            monkeypatch.setenv(k, v)
-        storage.reset_client()
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        upload(client, src, "team/pixel")
-        yield src, client, {**env, "CDI_RAY_CACHE": str(tmp_path / "cache")}
-        storage.reset_client()
+    for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for obj in page.get("Contents", []):
+            bucket.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    env = {**s3_server.env, "CDI_RAY_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("CDI_RAY_CACHE", env["CDI_RAY_CACHE"])
+    upload(bucket, src, "team/pixel")
+    yield src, bucket, env
 
 
 def test_concurrent_processes_fetch_once_and_share_the_copy(s3_model, tmp_path):
@@ -124,21 +126,22 @@ def test_feature_actor_stage_runs_a_text_model_kept_in_s3(s3_model, tiny_uvit_te
     options and computes a row per image."""
     import numpy as np
 
-    from cdi_ray.pipeline.actors import STATUS_OK, FeatureStage, describe_model
+    from cdi_ray.pipeline.actors import STATUS_OK, FeatureStage
+    from cdi_ray.pipeline.describe import describe_model
 
     _, client, _ = s3_model
     upload(client, Path(tiny_uvit_text_dir), "team/uvit")
     uri = f"s3://{BUCKET}/team/uvit"
     options = {"missing_caption": "empty"}
     info = describe_model(uri, str(tmp_path / "store"), options)
-    assert (info["family"], info["image_size"], info["image_channels"]) == ("uvit", 16, 3)
-    assert info["fingerprint"] == model_fingerprint(tiny_uvit_text_dir)
-    stage = FeatureStage(model_uri=uri, fingerprint=info["fingerprint"], configs={"k": {"features": "gray-box"}},
+    assert (info.family, info.image_size, info.image_channels) == ("uvit", 16, 3)
+    assert info.fingerprint == model_fingerprint(tiny_uvit_text_dir)
+    stage = FeatureStage(model_uri=uri, fingerprint=info.fingerprint, configs={"k": {"features": "gray-box"}},
                          load_options=options)
     stage.setup()
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
     rows = stage.process({"content_hash": np.array(["aa" * 32, "bb" * 32], dtype=object),
-                          "cfgs": np.array(["k", "k"], dtype=object), "image": images,
+                          "configs": np.array(["k", "k"], dtype=object), "image": images,
                           "status": np.array([STATUS_OK] * 2, dtype=object), "error": np.array(["", ""], dtype=object)})
     assert [(r[0], r[1], r[2]) for r in rows] == [("aa" * 32, "k", STATUS_OK), ("bb" * 32, "k", STATUS_OK)]
     assert all(len(r[4]) == 14 and np.isfinite(r[4]).all() for r in rows)

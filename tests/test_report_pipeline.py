@@ -12,16 +12,7 @@ from cdi_ray.spec import parse_manifest
 from _pipeline_helpers import write_images
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("model-cache"))
-    ray.init(address="local", num_cpus=8, include_dashboard=False,
-             runtime_env={"env_vars": {"CDI_RAY_CACHE": cache}})
-    yield
-    ray.shutdown()
-
-
-def test_run_manifest_writes_reports_that_validate(ray_local, tiny_pixel_dir, tmp_path):
+def test_run_manifest_writes_reports_that_validate(ray_session, tiny_pixel_dir, tmp_path):
     from cdi_ray.results_schema import AuditDocument, ResultsFile
 
     write_images(tmp_path / "p", 12, seed=1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import uuid
 
 import boto3
 from botocore.config import Config
@@ -18,30 +17,19 @@ import pytest
 
 from cdi_ray import storage
 from cdi_ray.pipeline.model_cache import materialize_model
-from _fault_proxy import FaultProxy
-from _pipeline_helpers import env, moto_s3, write_images
+from _pipeline_helpers import S3_SECRET, env, write_images
 
-#: The test credentials' secret: must never appear in any output or log.
-SECRET = f"cdi-ray-test-secret-{uuid.uuid4().hex}"
+#: The test credentials' secret (the session's): must never appear in any output or log.
+SECRET = S3_SECRET
 BUCKET = "cdi-s3"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto behind the fault proxy; boto3 in this process (and Ray's workers) goes through the proxy.
-
-    ``direct`` is a client straight to moto, for setting up objects without touching the proxy."""
-    cache = str(tmp_path_factory.mktemp("model-cache"))
-    with moto_s3() as e, FaultProxy(e["AWS_ENDPOINT_URL"]) as proxy:
-        values = {**e, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": proxy.url, "CDI_RAY_CACHE": cache}
-        with env(values):
-            storage.reset_client()
-            # objects uploaded without a CRC (as by many tools): the ETag (MD5) is their only checksum
-            direct = boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"],
-                                  config=Config(request_checksum_calculation="when_required"))
-            direct.create_bucket(Bucket=BUCKET)
-            yield {"proxy": proxy, "direct": direct, "env": values}
-    storage.reset_client()
+def s3(s3_server):
+    """The session's S3 (moto behind the fault proxy; boto3 here and in Ray's workers goes through
+    the proxy) with this module's bucket; ``direct`` reaches moto without touching the proxy."""
+    s3_server.direct.create_bucket(Bucket=BUCKET)
+    return {"proxy": s3_server.proxy, "direct": s3_server.direct, "env": s3_server.env}
 
 
 @pytest.fixture
@@ -149,17 +137,6 @@ TEST = {"procedure": "split", "min_samples": 2}
 
 
 @pytest.fixture(scope="module")
-def ray_s3(s3):
-    """A local Ray started inside the S3 environment: workers inherit it (as on an instance with a
-    role), so the secret reaches no runtime_env, job or log record."""
-    import ray
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     """P in a hive-partitioned layout (year=/month=), U flat; the same relative paths locally and on S3."""
     root = tmp_path_factory.mktemp("owners")
@@ -179,7 +156,7 @@ def comparable(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ("unusable_images",)}
 
 
-def test_same_audit_from_local_files_and_from_s3(s3, proxy, ray_s3, tiny_pixel_dir, collection, tmp_path):
+def test_same_audit_from_local_files_and_from_s3(s3, proxy, ray_session, tiny_pixel_dir, collection, tmp_path):
     from cdi_ray.cli import EXIT_PARTIAL
     from cdi_ray.pipeline.run import run_manifest
     from cdi_ray.spec import parse_manifest

@@ -20,7 +20,7 @@ from cdi_ray.images import content_hash
 from cdi_ray.pipeline.run import run_manifest
 from cdi_ray.pipeline.store import FeatureStore
 from cdi_ray.spec import parse_manifest
-from _pipeline_helpers import env, ray_local, s3_env, write_images  # noqa: F401 — ray_local, s3_env: fixtures
+from _pipeline_helpers import write_images
 
 FAST = {"overrides": {"dl": {"n_draws": 2}}, "features": ["dl", "pia"], "test": {"procedure": "split", "min_samples": 3}}
 N = 8
@@ -53,7 +53,7 @@ def _audit(aid, model, published, unpublished, **extra):
     return {"id": aid, "model": model, "published": published, "unpublished": unpublished, **FAST, **extra}
 
 
-def test_shards_reuse_folder_features_and_labels_key_the_store(ray_local, data, tiny_pixel_class_dir, tiny_pixel_dir, tmp_path):
+def test_shards_reuse_folder_features_and_labels_key_the_store(ray_session, data, tiny_pixel_class_dir, tiny_pixel_dir, tmp_path):
     root, paths = data
     models = {"c": {"uri": str(tiny_pixel_class_dir), "access": "gray-box", "batch_size": 8},
               "cn": {"uri": str(tiny_pixel_class_dir), "access": "gray-box", "options": {"null_class": 4}},
@@ -122,41 +122,36 @@ def _corrupt_shard(good: list[str]) -> bytes:
     return buf.getvalue()
 
 
-def test_s3_shards_end_to_end_with_corrupt_members_and_cached_index(ray_local, tiny_pixel_dir, tmp_path):
+def test_s3_shards_end_to_end_with_corrupt_members_and_cached_index(ray_session, tiny_pixel_dir, tmp_path):
     import boto3
 
-    with env(ray_local):
-        storage.reset_client()
-        try:
-            boto3.client("s3").create_bucket(Bucket="shards")
-            p = write_images(tmp_path / "p", N, seed=21)
-            write_images(tmp_path / "u", N, seed=22)
-            assert cli(["pack", str(tmp_path / "p"), "s3://shards/p", "--format", "webdataset", "--shard-size", "4"]) == 0
-            assert cli(["pack", str(tmp_path / "u"), "s3://shards/u", "--format", "parquet", "--shard-size", "4"]) == 0
-            extra = write_images(tmp_path / "x", 2, seed=23)
-            storage.atomic_write_bytes("s3://shards/p/shard-000002.tar", _corrupt_shard(extra))
-            # the same P as loose S3 objects with a sidecar: identical bytes, so nothing more to compute
-            for path in p:
-                storage.atomic_write_bytes(f"s3://shards/files/{os.path.basename(path)}", open(path, "rb").read())
-            storage.atomic_write_bytes("s3://shards/meta.csv", b"name,label\n0000.png,3\n")
-            man = parse_manifest({
-                "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 8}},
-                "audits": [_audit("s3", "m", "s3://shards/p/shard-{000000..000002}.tar", "s3://shards/u/shard-*.parquet"),
-                           _audit("s3-files", "m", {"folder": "s3://shards/files/", "metadata": "s3://shards/meta.csv"},
-                                  "s3://shards/u/shard-*.parquet")],
-                "output": "s3://shards/out/",
-            })
-            first = run_manifest(man)
-            assert first.audits[1]["status"] == "done" and first.audits[1]["n_published"] == N
-            a = first.audits[0]
-            assert a["status"] == "done", a["error"]
-            reasons = {u["uri"].rsplit("#", 1)[1]: u["reason"] for u in a["unusable_images"]}
-            assert set(reasons) == {"junk.png", "ok2.png"}
-            assert "not a recognised image format" in reasons["junk.png"] and reasons["ok2.png"].startswith("bad_metadata")
-            assert (a["n_published"], a["n_unpublished"]) == (N + 1, N)  # the shard's good member is used
-            assert first.run["features"]["computed"] == 2 * N + 1 and first.run["features"]["decode_errors"] == 1
-            again = run_manifest(man)
-            assert again.run["images"]["shards"]["from_cache"] == 5 and again.run["features"]["computed"] == 0
-            assert again.audits[0]["p_value"] == a["p_value"]
-        finally:
-            storage.reset_client()
+    boto3.client("s3").create_bucket(Bucket="shards")
+    p = write_images(tmp_path / "p", N, seed=21)
+    write_images(tmp_path / "u", N, seed=22)
+    assert cli(["pack", str(tmp_path / "p"), "s3://shards/p", "--format", "webdataset", "--shard-size", "4"]) == 0
+    assert cli(["pack", str(tmp_path / "u"), "s3://shards/u", "--format", "parquet", "--shard-size", "4"]) == 0
+    extra = write_images(tmp_path / "x", 2, seed=23)
+    storage.atomic_write_bytes("s3://shards/p/shard-000002.tar", _corrupt_shard(extra))
+    # the same P as loose S3 objects with a sidecar: identical bytes, so nothing more to compute
+    for path in p:
+        storage.atomic_write_bytes(f"s3://shards/files/{os.path.basename(path)}", open(path, "rb").read())
+    storage.atomic_write_bytes("s3://shards/meta.csv", b"name,label\n0000.png,3\n")
+    man = parse_manifest({
+        "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 8}},
+        "audits": [_audit("s3", "m", "s3://shards/p/shard-{000000..000002}.tar", "s3://shards/u/shard-*.parquet"),
+                   _audit("s3-files", "m", {"folder": "s3://shards/files/", "metadata": "s3://shards/meta.csv"},
+                          "s3://shards/u/shard-*.parquet")],
+        "output": "s3://shards/out/",
+    })
+    first = run_manifest(man)
+    assert first.audits[1]["status"] == "done" and first.audits[1]["n_published"] == N
+    a = first.audits[0]
+    assert a["status"] == "done", a["error"]
+    reasons = {u["uri"].rsplit("#", 1)[1]: u["reason"] for u in a["unusable_images"]}
+    assert set(reasons) == {"junk.png", "ok2.png"}
+    assert "not a recognised image format" in reasons["junk.png"] and reasons["ok2.png"].startswith("bad_metadata")
+    assert (a["n_published"], a["n_unpublished"]) == (N + 1, N)  # the shard's good member is used
+    assert first.run["features"]["computed"] == 2 * N + 1 and first.run["features"]["decode_errors"] == 1
+    again = run_manifest(man)
+    assert again.run["images"]["shards"]["from_cache"] == 5 and again.run["features"]["computed"] == 0
+    assert again.audits[0]["p_value"] == a["p_value"]

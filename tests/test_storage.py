@@ -73,12 +73,11 @@ def test_list_subdirs_local(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- S3
 @pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as e, env(e):
-        storage.reset_client()
-        boto3.client("s3").create_bucket(Bucket="owners")
-        yield e
-    storage.reset_client()
+def s3(s3_server):
+    """The session's S3 with this module's bucket."""
+    s3_server.direct.create_bucket(Bucket="owners")
+    s3_server.proxy.clear()
+    return s3_server.env
 
 
 def test_s3_round_trip_listing_and_pagination(s3, monkeypatch):
