@@ -43,7 +43,7 @@ from scipy import optimize
 from scipy import signal
 from scipy import stats as st
 
-from .procedures import PROCEDURES, run_test, validate_features
+from .procedures import PROCEDURES, closed_form_permutations, run_test, validate_features
 
 __all__ = ["SequentialDesign", "SequentialState", "Look", "LookResult", "next_look", "increment_pvalue",
            "walk_boundary", "spending", "STATE_SCHEMA"]
@@ -340,10 +340,10 @@ def _result(state: SequentialState, took_look: bool, reason: str) -> LookResult:
 
 
 def _first_look_options(design: SequentialDesign, level: float) -> dict:
-    """Enough permutations for the default test to resolve p ≤ level (its floor is 1/(B+1))."""
+    """Enough permutations for a closed-form test (the default's directional or ridge scorer) to resolve
+    p ≤ level (its floor is 1/(B+1)); the logistic scorer refits per permutation, so its cap stays the user's."""
     opts = dict(design.options)
-    if design.procedure == "crossfit-permutation" and opts.get("scorer", "ridge") == "ridge" \
-            and "max_permutations" not in opts:
+    if closed_form_permutations(design.procedure, opts) and "max_permutations" not in opts:
         h = int(opts.get("stop_exceedances", PROCEDURES[design.procedure].defaults["stop_exceedances"]))
         opts["max_permutations"] = max(9_999, int(math.ceil(2 * h / level)))
     return opts
