@@ -67,11 +67,13 @@ def test_per_night_testing_exceeds_alpha_where_the_rule_does_not():
     assert st.binomtest(sequential, n_hist, alpha, alternative="greater").pvalue > 0.05
 
 
-def test_increment_pvalue_is_uniform_under_h0():
+@pytest.mark.parametrize("scorer", [{}, {"directions": np.array([-1, -1, 0, 1]), "ridge": 0.1}],
+                         ids=["ridge", "directional"])
+def test_increment_pvalue_is_uniform_under_h0(scorer):
     rng = np.random.default_rng(5)
     p = np.array([increment_pvalue(rng.standard_normal((30, K)), rng.standard_normal((25, K)),
                                    rng.standard_normal((12, K)), rng.standard_normal((9, K)),
-                                   n_permutations=99, seed=i) for i in range(1500)])
+                                   n_permutations=99, seed=i, **scorer) for i in range(1500)])
     assert 0 < p.min() and p.max() < 1
     assert st.kstest(p, "uniform").pvalue > 1e-3
     for a in (0.01, 0.05, 0.2):  # exact, not only valid: the rate at a is a within a 99.9 % interval
@@ -86,6 +88,28 @@ def test_increment_pvalue_detects_a_shift_in_the_scored_direction():
     new_p, new_u = rng.standard_normal((50, K)), rng.standard_normal((50, K))
     assert increment_pvalue(P, U, new_p + [1.5, 0, 0, 0], new_u, seed=0) < 0.001
     assert increment_pvalue(P, U, new_p - [1.5, 0, 0, 0], new_u, seed=0) > 0.999
+
+
+def test_directional_increments_give_no_weight_to_a_shift_against_the_member_direction():
+    """The default scorer's increments (lower = member) read a past shift the wrong way as no evidence:
+    the learned ridge would carry it into the walk; the sign-constrained direction does not."""
+    rng = np.random.default_rng(7)
+    P, U = rng.standard_normal((200, K)), rng.standard_normal((200, K))
+    P[:, 0] += 1.0  # P's loss HIGHER: training cannot explain it
+    new_p, new_u = rng.standard_normal((50, K)) + [1.0, 0, 0, 0], rng.standard_normal((50, K))
+    lower = np.full(K, -1)
+    assert increment_pvalue(P, U, new_p, new_u, seed=0) < 0.001
+    assert increment_pvalue(P, U, new_p, new_u, seed=0, directions=lower, ridge=0.1) > 0.01
+    # and a shift in the member direction is found as by the ridge
+    assert increment_pvalue(P - [2.0, 0, 0, 0], U, new_p - [2.0, 0, 0, 0], new_u, seed=0, directions=lower,
+                            ridge=0.1) < 0.001
+
+
+def test_the_increment_scorer_follows_the_first_looks():
+    assert "directions" in sq._increment_scorer(SequentialDesign(), K)  # the default: directional
+    assert sq._increment_scorer(SequentialDesign(options={"scorer": "ridge"}, ridge=2.0), K) == {"ridge": 2.0}
+    d = sq._increment_scorer(SequentialDesign(options={"directions": "higher", "ridge": 0.5}), K)
+    assert d["ridge"] == 0.5 and (d["directions"] == 1).all()
 
 
 def test_walk_boundaries_spend_what_they_claim():
@@ -196,3 +220,21 @@ def test_the_audit_keeps_its_level_seed_and_design():
         SequentialDesign(procedure="paper-two-sided")
     with pytest.raises(ValueError, match="keys"):
         next_look(None, P, U, alpha=0.05, seed=2, published_keys=["a"])
+
+
+def test_the_verdict_of_a_standing_audit_is_its_life_long_rule():
+    """Rule 6 is replaced by the life-long decision; rules 1–5 still apply."""
+    from cdi_ray.stats import run_test, verdict
+
+    rng = np.random.default_rng(3)
+    P, U = rng.standard_normal((60, K)) - [0.6, 0, 0, 0], rng.standard_normal((60, K))
+    r = run_test(P, U, alpha=0.05, seed=0, max_permutations=199)
+    assert r.pvalue <= 0.05 and verdict(r, alpha=0.05).label == "used"
+    look, _ = next_look(None, P, U, alpha=0.05, seed=0, design=SequentialDesign(n_permutations=199))
+    assert not look.may_say_used  # tonight's first look spends only α·g(E₁)
+    v = verdict(r, alpha=0.05, lifelong=look)
+    assert v.label == "not_detected" and "α spent so far" in v.reason
+    used = sq.LookResult(True, False, 3, 0.001, 0.0004, 0.05, 0.02, 2, "crossed")
+    assert verdict(r, alpha=0.05, lifelong=used).label == "used"
+    assert verdict(r, alpha=0.05, lifelong=used, controls=["shift"]).label == "inconclusive"
+    assert verdict(r, alpha=0.05, lifelong=used, min_samples=100).label == "inconclusive"

@@ -10,8 +10,9 @@ Design ("first look + increment walk", chosen by measured power):
 
 1. **First look** — the first night with enough images on both sides runs the ordinary test
    (``run_test``, any calibrated procedure) on the whole collection at the level α·g(E₁).
-2. **Every later look** tests only the images that are new since the last look: a ridge
-   discriminant fitted on every image already tested scores the new ones, and an exact
+2. **Every later look** tests only the images that are new since the last look: a scorer
+   fitted on every image already tested (the default scorer's sign-constrained direction when
+   the first look uses it, else a ridge discriminant) scores the new ones, and an exact
    permutation test over the new images' labels gives a randomised p-value pₛ, which under H0
    is exactly Uniform(0, 1) and independent of the past (the scorer never saw the new labels).
    ζₛ = Φ⁻¹(1 − pₛ) is then exactly N(0, 1), so Sₜ = Σ wₛ·ζₛ is a Gaussian random walk with
@@ -43,6 +44,7 @@ from scipy import optimize
 from scipy import signal
 from scipy import stats as st
 
+from .directional import DEFAULT_PRIOR, DEFAULT_RIDGE, resolve_directions
 from .procedures import PROCEDURES, closed_form_permutations, run_test, validate_features
 
 __all__ = ["SequentialDesign", "SequentialState", "Look", "LookResult", "next_look", "increment_pvalue",
@@ -72,8 +74,10 @@ class SequentialDesign:
             images on each side; fewer wait for a later night.
         procedure (`str`, defaults to ``"crossfit-permutation"``): the first look's test.
         options (`dict`): its options (``run_test(**options)``).
-        ridge (`float`, defaults to 1.0): ρ of the increment scorer, (R + ρI)⁻¹·(mean_P − mean_U)
-            on standardised features, R their correlation (as the default scorer's ρ).
+        ridge (`float`, defaults to 1.0): ρ of the ridge increment scorer, (R + ρI)⁻¹·(mean_P − mean_U)
+            on standardised features, R their correlation — used when the first look's scorer is
+            not the directional one; with the directional scorer (the default) the increments are
+            scored by its sign-constrained direction with the audit's own options.
         n_permutations (`int`, defaults to 1,999): permutations of each increment's labels.
     """
 
@@ -207,24 +211,34 @@ class LookResult:
 # The increment test: scorer fitted on the tested past, exact randomised permutation p-value
 # --------------------------------------------------------------------------------------
 def increment_pvalue(past_published, past_unpublished, new_published, new_unpublished, *, ridge: float = 1.0,
-                     n_permutations: int = 1_999, seed=0) -> float:
+                     n_permutations: int = 1_999, seed=0, directions=None, prior: float = 0.0) -> float:
     """Randomised permutation p-value for "the new published images score higher".
 
-    A ridge discriminant is fitted on the past images (any function of the past is allowed);
-    the statistic is the sum of the new published images' scores; ``n_permutations`` uniform
-    relabellings of the new images give p = (#{T_b > T} + U·(1 + #{T_b = T}))/(B + 1) with
-    U ~ Uniform(0, 1], which is exactly Uniform(0, 1) under exchangeability of the new images
-    (and never 0 or 1, so Φ⁻¹(1 − p) is finite).
+    A scorer is fitted on the past images (any function of the past is allowed): with
+    ``directions`` None, the ridge discriminant (R + ρI)⁻¹·(mean_P − mean_U) on standardised
+    features; with ``directions`` (per feature −1 lower = member, +1 higher, 0 unknown: as the
+    default scorer's, :mod:`cdi_ray.stats.directional`), the default scorer's sign-constrained
+    direction (R + ρI)⁻¹·max(z + prior, 0) on member-oriented features, so a feature that moved
+    against its member direction in the past gets no weight. The statistic is the sum of the new
+    published images' scores; ``n_permutations`` uniform relabellings of the new images give
+    p = (#{T_b > T} + U·(1 + #{T_b = T}))/(B + 1) with U ~ Uniform(0, 1], which is exactly
+    Uniform(0, 1) under exchangeability of the new images (and never 0 or 1, so Φ⁻¹(1 − p) is
+    finite).
     """
     rng = np.random.default_rng(seed)
     X_past = np.vstack([past_published, past_unpublished])
     mu, sd = X_past.mean(axis=0), X_past.std(axis=0)
     sd = np.where(sd > 1e-12 * (np.abs(mu) + 1.0), sd, 1.0)
-    Zp, Zu = (past_published - mu) / sd, (past_unpublished - mu) / sd
-    Z = (X_past - mu) / sd
+    sign = np.ones(X_past.shape[1]) if directions is None else np.where(np.asarray(directions) == 0, 1.0, directions)
+    Zp, Zu = sign * (past_published - mu) / sd, sign * (past_unpublished - mu) / sd
+    Z = sign * (X_past - mu) / sd
     R = Z.T @ Z / len(Z)
-    w = np.linalg.solve(R + ridge * np.eye(len(R)), Zp.mean(axis=0) - Zu.mean(axis=0))
-    s = (np.vstack([new_published, new_unpublished]) - mu) / sd @ w
+    shift = Zp.mean(axis=0) - Zu.mean(axis=0)
+    if directions is not None:  # the default scorer's weights: z-scores, sign-constrained where the direction is known
+        z = shift / math.sqrt(1 / len(Zp) + 1 / len(Zu))
+        shift = np.where(np.asarray(directions) != 0, np.maximum(z + prior, 0.0), z)
+    w = np.linalg.solve(R + ridge * np.eye(len(R)), shift)
+    s = sign * (np.vstack([new_published, new_unpublished]) - mu) / sd @ w
     labels = np.r_[np.ones(len(new_published)), np.zeros(len(new_unpublished))]
     t_obs = float(labels @ s)
     tol = 1e-9 * max(1.0, float(np.abs(s).sum()))
@@ -349,6 +363,19 @@ def _first_look_options(design: SequentialDesign, level: float) -> dict:
     return opts
 
 
+def _increment_scorer(design: SequentialDesign, k: int) -> dict:
+    """The increment scorer follows the first look's: the default scorer's sign-constrained direction
+    (with the audit's directions, prior and ρ) when the first look uses the directional scorer, else
+    the ridge discriminant with ``design.ridge``."""
+    opts = design.options
+    if design.procedure == "crossfit-permutation" \
+            and opts.get("scorer", PROCEDURES[design.procedure].defaults["scorer"]) == "directional":
+        return {"directions": resolve_directions(opts.get("directions") or "lower", k),
+                "prior": float(opts["prior"]) if opts.get("prior") is not None else DEFAULT_PRIOR,
+                "ridge": float(opts["ridge"]) if opts.get("ridge") is not None else DEFAULT_RIDGE}
+    return {"ridge": design.ridge}
+
+
 def next_look(state: SequentialState | None, published_features, unpublished_features, *, alpha: float, seed: int,
               design: SequentialDesign | None = None, published_keys=None, unpublished_keys=None,
               label: str | None = None) -> tuple[LookResult, SequentialState]:
@@ -413,8 +440,8 @@ def next_look(state: SequentialState | None, published_features, unpublished_fea
             raise ValueError("the images tested on earlier nights are missing from tonight's collections (fewer than "
                              "2 per side remain); a standing audit's collections may grow, not be replaced — "
                              "start a new audit for new collections")
-        p = increment_pvalue(P[~new_p], U[~new_u], P[new_p], U[new_u], ridge=d.ridge,
-                             n_permutations=d.n_permutations, seed=looks_seed)
+        p = increment_pvalue(P[~new_p], U[~new_u], P[new_p], U[new_u], n_permutations=d.n_permutations,
+                             seed=looks_seed, **_increment_scorer(d, P.shape[1]))
         past = 2 * _effective_n(int((~new_p).sum()), int((~new_u).sum()))  # = images per side when balanced
         w = math.sqrt(n_eff) * (past / (past + d.weight_half) if d.weight_half > 0 else 1.0)
         info_walk = (walk[-1].information if walk else 0.0) + w * w
