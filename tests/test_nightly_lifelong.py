@@ -123,3 +123,24 @@ def test_a_failed_or_changed_audit_never_restarts_its_life_long_rule(tmp_path):
     with pytest.raises(ValueError, match="cannot read the audit's life-long state"):
         take_look(same, P, U, keys("p", 30), keys("u", 30))
     assert not (tmp_path / "2" / "a.json").exists()
+
+
+def test_no_look_below_min_samples_and_the_decision_is_held(tmp_path):
+    """Before the first look the audit waits for min_samples per side (nothing spent, no state to
+    restart from later); a collection that shrinks below it later holds the last decision."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    P, U = rng.normal(size=(40, 4)), rng.normal(size=(40, 4))
+    keys = lambda side, n: [f"{side}{i}" for i in range(n)]  # noqa: E731
+    sa = lambda night, prev: StandingAudit("a", f"2026-12-0{night}", str(tmp_path / str(night) / "a.json"),  # noqa: E731
+                                           prev, 0.01, 0, SequentialDesign(), 30, fingerprint="fp", feature_key="k")
+    wait = take_look(sa(1, None), P[:20], U[:20], keys("p", 20), keys("u", 20))
+    assert wait.look is None and wait.to_dict()["alpha_spent"] == 0 and "needs 30" in wait.to_dict()["reason"]
+    assert json.loads((tmp_path / "1" / "a.json").read_text())["state"] is None
+    first = take_look(sa(2, sa(1, None).state_uri), P, U, keys("p", 40), keys("u", 40))
+    assert first.look.took_look and first.night == 2 and first.first_night == "2026-12-01"
+    held = take_look(sa(3, sa(2, None).state_uri), P[:10], U[:10], keys("p", 10), keys("u", 10))
+    assert not held.look.took_look and held.look.alpha_spent == first.look.alpha_spent and held.night == 3
+    assert json.loads((tmp_path / "3" / "a.json").read_text())["state"] == \
+        json.loads((tmp_path / "2" / "a.json").read_text())["state"]
