@@ -180,7 +180,8 @@ def audit_rows(manifest, plan, models, outcomes) -> list[dict]:
         rows.append({
             "audit_id": a.id, "model": a.model, "model_fingerprint": info.fingerprint if info else None,
             "feature_key": ap.main.feature_key if ap.main else None,
-            "status": o.status, "result": o.result, "error": o.error, "controls": o.controls, "sequential": o.sequential,
+            "status": o.status, "result": o.result, "error": o.error, "controls": o.controls,
+            "sequential": o.sequential,
             "n_published": o.n_published, "n_unpublished": o.n_unpublished, "unusable": o.unusable,
             "alpha": a.test.alpha, "seed": a.seed, "procedure": a.test.procedure, "min_samples": a.test.min_samples,
             "feature_calibration": "reference:" + ref if a.calibration == "reference" else "none",
