@@ -12,6 +12,7 @@ from cdi_ray import storage
 from cdi_ray.pipeline import aggregate
 from cdi_ray.pipeline.nightly import run_nightly
 from cdi_ray.pipeline.standing import NIGHT_STATE_SCHEMA, StandingAudit, take_look
+from cdi_ray.results_schema import AuditDocument, ResultsFile
 from cdi_ray.spec import parse_manifest
 from cdi_ray.stats.sequential import SequentialDesign
 from _pipeline_helpers import write_images
@@ -36,7 +37,10 @@ def _night(man: dict, date: str) -> tuple[dict, dict, dict]:
     """(run_nightly's answer, the artist's results entry, its stored state file) of one night."""
     res = run_nightly(parse_manifest(man), date=date)
     assert res["exit_code"] == 0
-    entry = json.loads(storage.read_bytes(storage.join(man["output"], date, "results.json")))["audits"][0]
+    text = storage.read_bytes(storage.join(man["output"], date, "results.json"))
+    ResultsFile.model_validate_json(text)  # the documented schema, sequential section included
+    AuditDocument.model_validate_json(storage.read_bytes(storage.join(man["output"], date, "audits", "artist.json")))
+    entry = json.loads(text)["audits"][0]
     state = json.loads(storage.read_bytes(storage.join(man["output"], date, "sequential", "artist.json")))
     return res, entry, state
 
