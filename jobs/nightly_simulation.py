@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -271,6 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--root-seed", type=int, help="root of the histories' seeds (default: 20261 report, 90210 tune); "
                    "another root gives independent histories, cached apart")
     p.add_argument("--no-per-night", action="store_true", help="report mode: run only the sequential rule")
+    p.add_argument("--design", default="{}", help="report mode: SequentialDesign fields as JSON (default: the "
+                   "default design), e.g. '{\"ridge\": 0.1}'; cached apart")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cache", default="out/nightly_simulation_cache", help="per-history cache (out/ is git-ignored)")
     p.add_argument("--out", help="summary JSON (default: docs/measurements/nightly_<mode>.json)")
@@ -288,11 +291,14 @@ def main(args) -> dict:
     root = ROOT_SEED[args.mode] if args.root_seed is None else args.root_seed
     kw = dict(root=root, nights=args.nights, per_night=args.per_night)
     if args.mode == "report":
-        kw.update(alphas=tuple(args.alphas), design={}, per_night_test=not args.no_per_night)  # the default design
+        kw.update(alphas=tuple(args.alphas), design=json.loads(args.design), per_night_test=not args.no_per_night)
     tasks, paths = [], []
     for sc in args.scenarios:
         n = args.histories if SCENARIOS[sc][1] is None else (args.power_histories or args.histories)
-        d = os.path.join(args.cache, args.mode if root == ROOT_SEED[args.mode] else f"{args.mode}-root{root}", sc)
+        folder = args.mode if root == ROOT_SEED[args.mode] else f"{args.mode}-root{root}"
+        if args.mode == "report" and json.loads(args.design):
+            folder += "-design" + hashlib.sha1(json.dumps(json.loads(args.design), sort_keys=True).encode()).hexdigest()[:8]
+        d = os.path.join(args.cache, folder, sc)
         os.makedirs(d, exist_ok=True)
         for i in range(n):
             path = os.path.join(d, f"{i}.json")
@@ -315,7 +321,7 @@ def main(args) -> dict:
     result = {"mode": args.mode, "histories": args.histories, "power_histories": args.power_histories or args.histories,
               "nights": args.nights, "per_night": args.per_night, "k": K, "alphas": args.alphas,
               "root_seed": root, "per_night_test": args.mode == "tune" or not args.no_per_night,
-              "design": dataclasses.asdict(SequentialDesign()) if args.mode == "report" else None,
+              "design": dataclasses.asdict(SequentialDesign(**json.loads(args.design))) if args.mode == "report" else None,
               "scenarios": {s: SCENARIOS[s] for s in args.scenarios}, "wall_s_this_run": time.time() - t0,
               "cpu_s_total": float(sum(r["cpu_s"] for r in records)), "summary": summary,
               "numpy": np.__version__, "date": time.strftime("%Y-%m-%d")}

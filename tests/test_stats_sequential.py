@@ -108,8 +108,8 @@ def test_directional_increments_give_no_weight_to_a_shift_against_the_member_dir
 def test_the_increment_scorer_follows_the_first_looks():
     assert "directions" in sq._increment_scorer(SequentialDesign(), K)  # the default: directional
     assert sq._increment_scorer(SequentialDesign(options={"scorer": "ridge"}, ridge=2.0), K) == {"ridge": 2.0}
-    d = sq._increment_scorer(SequentialDesign(options={"directions": "higher", "ridge": 0.5}), K)
-    assert d["ridge"] == 0.5 and (d["directions"] == 1).all()
+    d = sq._increment_scorer(SequentialDesign(options={"directions": "higher", "ridge": 0.5}, ridge=3.0), K)
+    assert d["ridge"] == 3.0 and (d["directions"] == 1).all()
 
 
 def test_walk_boundaries_spend_what_they_claim():

@@ -44,7 +44,7 @@ from scipy import optimize
 from scipy import signal
 from scipy import stats as st
 
-from .directional import DEFAULT_PRIOR, DEFAULT_RIDGE, resolve_directions
+from .directional import DEFAULT_PRIOR, resolve_directions
 from .procedures import PROCEDURES, closed_form_permutations, run_test, validate_features
 
 __all__ = ["SequentialDesign", "SequentialState", "Look", "LookResult", "next_look", "increment_pvalue",
@@ -74,10 +74,10 @@ class SequentialDesign:
             images on each side; fewer wait for a later night.
         procedure (`str`, defaults to ``"crossfit-permutation"``): the first look's test.
         options (`dict`): its options (``run_test(**options)``).
-        ridge (`float`, defaults to 1.0): ρ of the ridge increment scorer, (R + ρI)⁻¹·(mean_P − mean_U)
-            on standardised features, R their correlation — used when the first look's scorer is
-            not the directional one; with the directional scorer (the default) the increments are
-            scored by its sign-constrained direction with the audit's own options.
+        ridge (`float`, defaults to 1.0): ρ of the increment scorer, (R + ρI)⁻¹·(mean_P − mean_U)
+            on standardised features, R their correlation — or, when the first look uses the
+            directional scorer (the default), (R + ρI)⁻¹·max(z + prior, 0) on member-oriented
+            features with the audit's directions and prior. Chosen on tuning seeds.
         n_permutations (`int`, defaults to 1,999): permutations of each increment's labels.
     """
 
@@ -365,14 +365,13 @@ def _first_look_options(design: SequentialDesign, level: float) -> dict:
 
 def _increment_scorer(design: SequentialDesign, k: int) -> dict:
     """The increment scorer follows the first look's: the default scorer's sign-constrained direction
-    (with the audit's directions, prior and ρ) when the first look uses the directional scorer, else
-    the ridge discriminant with ``design.ridge``."""
+    (with the audit's directions and prior) when the first look uses the directional scorer, else the
+    ridge discriminant; either with the increments' own ρ, ``design.ridge``."""
     opts = design.options
     if design.procedure == "crossfit-permutation" \
             and opts.get("scorer", PROCEDURES[design.procedure].defaults["scorer"]) == "directional":
-        return {"directions": resolve_directions(opts.get("directions") or "lower", k),
-                "prior": float(opts["prior"]) if opts.get("prior") is not None else DEFAULT_PRIOR,
-                "ridge": float(opts["ridge"]) if opts.get("ridge") is not None else DEFAULT_RIDGE}
+        return {"directions": resolve_directions(opts.get("directions") or "lower", k), "ridge": design.ridge,
+                "prior": float(opts["prior"]) if opts.get("prior") is not None else DEFAULT_PRIOR}
     return {"ridge": design.ridge}
 
 
