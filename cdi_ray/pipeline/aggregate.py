@@ -17,7 +17,7 @@ can resolve its smallest threshold (:func:`batch_max_permutations`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cdi_ray.pipeline import cluster
 from cdi_ray.pipeline.aggregator import AuditAggregator, AuditOutcome, AuditTask
@@ -107,7 +107,7 @@ def start_aggregators(plan: BatchPlan, max_aggregators: int = MAX_AGGREGATORS) -
             actor.warm_up.remote()
 
 
-def _task(audit, plan: AuditPlan, run: AuditRun, manifest, options: dict) -> AuditTask:
+def _task(audit, plan: AuditPlan, run: AuditRun, manifest, options: dict, standing=None) -> AuditTask:
     """The aggregator's task for one run of ``audit``."""
     from cdi_ray.controls.model_free import control_seed
     from cdi_ray.controls.reference import REFERENCE_MODEL
@@ -121,12 +121,15 @@ def _task(audit, plan: AuditPlan, run: AuditRun, manifest, options: dict) -> Aud
                      audit.seed, options, controls={"model_free": {"alpha": ctl.alpha}} if ctl.model_free else {},
                      descriptor_key=plan.descriptor_key,
                      calibration=(plan.reference.fingerprint, plan.reference.feature_key) if calibrated else None,
-                     calibration_sets=(plan.reference.published, plan.reference.unpublished) if calibrated else None)
+                     calibration_sets=(plan.reference.published, plan.reference.unpublished) if calibrated else None,
+                     standing=replace(standing, fingerprint=run.fingerprint, feature_key=run.feature_key)
+                     if standing is not None else None)
 
 
 def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: str, *,
-              max_aggregators: int = MAX_AGGREGATORS) -> AuditOutcomes:
-    """Run every audit's runs (see the module docstring)."""
+              max_aggregators: int = MAX_AGGREGATORS, standing: dict | None = None) -> AuditOutcomes:
+    """Run every audit's runs (see the module docstring); ``standing`` (audit id →
+    :class:`~cdi_ray.pipeline.standing.StandingAudit`) makes those audits take their nightly look."""
     import ray
 
     from cdi_ray.controls.reference import reference_control
@@ -147,7 +150,8 @@ def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: st
         runs = [ap.main] + ([ap.reference] if ap.reference and ap.reference.fingerprint not in features.failed_fingerprints else [])
         for run in runs:
             group = (run.fingerprint, run.feature_key)
-            groups.setdefault(group, []).append(_task(a, ap, run, manifest, test_options(a.test, cap)))
+            groups.setdefault(group, []).append(_task(a, ap, run, manifest, test_options(a.test, cap),
+                                                      (standing or {}).get(a.id)))
             columns[group] = list(run.columns)
     outcomes: dict[tuple[str, Role], AuditOutcome] = {}
     if groups and in_driver(plan):

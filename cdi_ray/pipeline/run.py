@@ -121,7 +121,8 @@ def plan_manifest(manifest: Manifest, out: str | None = None, *, feature_store: 
 
 def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: str | None = None,
                  rehash: bool = False, max_aggregators: int = MAX_AGGREGATORS,
-                 max_concurrent_models: int = MAX_CONCURRENT_MODELS, write: bool = True) -> BatchResult:
+                 max_concurrent_models: int = MAX_CONCURRENT_MODELS, write: bool = True,
+                 standing: dict | None = None) -> BatchResult:
     """Run every audit of ``manifest``; write results under ``out`` (default ``manifest.output``).
 
     Args:
@@ -135,6 +136,9 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         max_aggregators (`int`, *optional*): most aggregator actors.
         max_concurrent_models (`int`, *optional*): model streams run at the same time.
         write (`bool`, *optional*, defaults to True): write the results files and reports.
+        standing (`dict`, *optional*): audit id → :class:`~cdi_ray.pipeline.standing.StandingAudit`
+            for a nightly run (:func:`~cdi_ray.pipeline.nightly.run_nightly`): those audits' verdicts
+            come from their life-long rule, whose state is stored before the results.
 
     Returns:
         :class:`BatchResult`; ``.exit_code`` is 0 if every audit is done, 3 if some failed.
@@ -155,7 +159,8 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     run.lap("compute")
     descriptors = compute_descriptors(plan, run.store)
     run.lap("descriptors")
-    outcomes: AuditOutcomes = aggregate(plan, manifest, features, run.store, max_aggregators=max_aggregators)  # 6
+    outcomes: AuditOutcomes = aggregate(plan, manifest, features, run.store, max_aggregators=max_aggregators,  # 6
+                                        standing=standing)
     run.lap("aggregate")
     batch = collect_results(manifest, plan, models, features, descriptors, outcomes,               # 7
                             run.section(manifest, listings, hashed))
