@@ -75,6 +75,18 @@ class AuditJob:
     calibration_keys: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class PlannedTest:
+    """One test the aggregate stage ran: the store partition it read and its job. Kept in memory
+    on :class:`cdi_ray.pipeline.results.BatchResult` for callers that keep evidence and re-run
+    tests later (the requests job, ``cdi-ray verify``); never written by the pipeline."""
+
+    fingerprint: str
+    feature_key: str
+    columns: tuple[str, ...]
+    job: AuditJob
+
+
 @dataclass
 class AuditOutcome:
     """The aggregator's answer for one audit (the verdict is added after FDR)."""

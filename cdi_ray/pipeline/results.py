@@ -80,6 +80,9 @@ class BatchResult:
     summary: dict
     fdr: dict
     run: dict = field(default_factory=dict)
+    #: audit id (and ``<id>@reference`` shadows) → the :class:`~cdi_ray.pipeline.aggregate.PlannedTest`
+    #: the aggregate stage ran; in memory only (not in ``to_dict``).
+    tests: dict = field(default_factory=dict, repr=False)
 
     @property
     def exit_code(self) -> int:

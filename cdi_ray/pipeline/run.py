@@ -50,7 +50,7 @@ from cdi_ray.controls.reference import REFERENCE_MODEL, reference_control
 from cdi_ray.pipeline import plan as planning
 from cdi_ray.pipeline.actors import (DESCRIPTOR_PARTITION, FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT,
                                      decode_batch, describe_batch, describe_model, write_batch)
-from cdi_ray.pipeline.aggregate import AuditAggregator, AuditJob, AuditOutcome, ImageRef
+from cdi_ray.pipeline.aggregate import AuditAggregator, AuditJob, AuditOutcome, ImageRef, PlannedTest
 from cdi_ray.pipeline.shards import expand_shard_listings
 from cdi_ray.pipeline.results import (BatchResult, audit_document, build_entries, software_versions, summarize,
                                      write_reports, write_results)
@@ -726,7 +726,9 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         "descriptors": desc_counts,
         "max_permutations": cap,
     }
-    batch = BatchResult(output=output, audits=entries, summary=summarize(entries), fdr=fdr, run=run)
+    batch = BatchResult(output=output, audits=entries, summary=summarize(entries), fdr=fdr, run=run,
+                        tests={j.audit_id: PlannedTest(fp, key, tuple(columns[key]), j)
+                               for (fp, key), jobs in groups.items() for j in jobs})
     if write:
         write_results(batch)
         # 8. reports: a report that cannot be written never loses the results written above
