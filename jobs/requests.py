@@ -20,18 +20,26 @@ peak memory).
 """
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
+import resource
 import sys
 
-# This file is named like the `requests` library: keep its folder off the import path, so that
-# `import requests` (Ray's job client, botocore's vendored code) finds the library, not this script.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if __name__ == "requests":
+    # This file is named like the `requests` library, and `python jobs/<any>.py` puts jobs/ first on
+    # the import path, so another job's `import requests` (Ray's job client does one) lands here.
+    # Hand that import the library instead: load it with jobs/ off the path and take its place.
+    import importlib
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import resource  # noqa: E402
+    _here, _path = os.path.dirname(os.path.abspath(__file__)), sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    del sys.modules["requests"]
+    try:
+        sys.modules["requests"] = importlib.import_module("requests")
+    finally:
+        sys.path[:] = _path
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
 
