@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from cdi_ray.requests import family as fam
+from cdi_ray.requests import run_requests
 from cdi_ray.requests.intake import REASONS, IntakeError, Request, load_registry, parse_row, read_requests
 from _pipeline_helpers import write_images
 
@@ -207,3 +209,19 @@ def test_metadata_is_attached_to_folder_and_list_sources(tmp_path, registry_file
     shard = parse_row(2, {"request_id": "s", "owner": "o", "published": "x/*.tar", "unpublished": "u",
                           "metadata": "meta.jsonl"}, reg)
     assert shard.reason == "invalid_source" and "carry their own" in shard.detail
+
+
+def test_the_example_requests_files_are_valid():
+    examples = Path(__file__).resolve().parents[1] / "examples" / "requests"
+    reg = load_registry(str(examples / "registry.yaml"), output="/tmp/unused")
+    for name in ("requests.csv", "requests.jsonl"):
+        intake = read_requests(str(examples / name), reg, output="/tmp/unused", probe=False)
+        assert intake.accepted and not intake.rejected, intake.rejected
+
+
+def test_outputs_outside_the_output_root_are_refused_before_anything_runs(tmp_path, registry_file):
+    (tmp_path / "r.csv").write_text("request_id,owner,published,unpublished\nx,o,p,u\n")
+    with pytest.raises(IntakeError, match="outside the configured output root"):
+        run_requests(str(tmp_path / "r.csv"), str(registry_file), str(tmp_path / "out"),
+                     output_root=str(tmp_path / "allowed"))
+    assert not (tmp_path / "out").exists()

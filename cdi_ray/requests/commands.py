@@ -21,6 +21,8 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
                                                              "still read from the store)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(8, cores))")
+    p.add_argument("--output-root", help="folder or s3:// prefix every output location must lie under "
+                                         "(default: $CDI_RAY_OUTPUT_ROOT; unset: no confinement)")
 
 
 def run_requests_args(args: argparse.Namespace):
@@ -28,7 +30,8 @@ def run_requests_args(args: argparse.Namespace):
     from cdi_ray.requests.conductor import run_requests
 
     return run_requests(args.requests, args.models, args.out, feature_store=args.feature_store, family=args.family,
-                        q=args.q, rerun_done=args.rerun_done, address=args.address, num_cpus=args.num_cpus)
+                        q=args.q, rerun_done=args.rerun_done, address=args.address, num_cpus=args.num_cpus,
+                        output_root=args.output_root)
 
 
 def _cmd_requests(args: argparse.Namespace) -> int:

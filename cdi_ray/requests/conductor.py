@@ -30,6 +30,8 @@ from cdi_ray.requests.deliverable import (RESULTS_FILE, decide_request, family_o
 from cdi_ray.requests.expand import audit_id, expand, inputs_hash
 from cdi_ray.requests.family import FAMILIES, batch_bh, family_max_permutations
 from cdi_ray.requests.intake import IntakeError, load_registry, read_requests
+from cdi_ray.spec import location_problems
+from cdi_ray.spec import output_root as configured_root
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def _clear(folder: str) -> None:
 
 def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_store: str | None = None,
                  family: str = "owner", q: float = 0.05, rerun_done: bool = False, address: str | None = None,
-                 num_cpus: int | None = None) -> RequestsRun:
+                 num_cpus: int | None = None, output_root: str | None = None) -> RequestsRun:
     """Run every request of ``requests_uri`` against the models of ``registry_uri`` into ``out``.
 
     Args:
@@ -78,6 +80,7 @@ def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_stor
             request is re-tested each run).
         q: level of batch-wide BH (the decision level with ``family="batch"``, else a figure).
         rerun_done: re-test requests the ledger has done (features still come from the store).
+        output_root: every output must lie under it (default ``$CDI_RAY_OUTPUT_ROOT``; unset: anywhere).
 
     Raises:
         IntakeError: the requests file or the registry cannot be used (exit code 2).
@@ -88,6 +91,9 @@ def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_stor
         raise IntakeError(f"q must be in (0, 1), got {q}")
     t_start, run_id, timings = time.time(), uuid.uuid4().hex, {}
     store = feature_store or storage.join(out, "features")
+    outside = location_problems({"--out": out, "--feature-store": store}, configured_root(output_root))
+    if outside:
+        raise IntakeError("; ".join(outside))
 
     def lap(name, t0):
         timings[name] = round(time.time() - t0, 3)
@@ -203,6 +209,7 @@ def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_stor
         "features": {k: feats.get(k) for k in ("needed", "to_compute", "computed")},
         "feature_rows_delivered": rows_copied,
         "seconds": round(time.time() - t_start, 3), "timings": timings,
+        "pipeline": {k: counters.get(k) for k in ("seconds", "timings", "max_permutations")} if counters else None,
     }
     try:
         from cdi_ray.requests.page import render_batch_html
