@@ -20,13 +20,15 @@ import logging
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from cdi_ray import storage
+from cdi_ray.pipeline.results import software_versions
 from cdi_ray.requests import evidence as ev
 from cdi_ray.requests import ledger as led
-from cdi_ray.requests.deliverable import (RESULTS_FILE, decide_request, family_of, folder_of, write_deliverable)
+from cdi_ray.requests.deliverable import RESULTS_FILE, decide_request, family_of, folder_of, write_deliverable
 from cdi_ray.requests.expand import audit_id, expand, inputs_hash
 from cdi_ray.requests.family import FAMILIES, batch_bh, family_max_permutations
 from cdi_ray.requests.intake import IntakeError, load_registry, read_requests
@@ -40,6 +42,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
 #: so the driver holds at most this many requests' rows).
 DELIVER_CHUNK = 256
 INDEX_FILE = "index.html"
+#: Deliverables written at once (each is ~10 small atomic writes).
+WRITE_THREADS = 8
 
 
 @dataclass
@@ -159,6 +163,7 @@ def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_stor
     t0 = time.time()
     rows_copied = 0
     order = list(outcomes.values())
+    software = software_versions()
     for i in range(0, len(order), DELIVER_CHUNK):
         chunk = order[i:i + DELIVER_CHUNK]
         for o in chunk:
@@ -168,8 +173,9 @@ def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_stor
             t for m in o.request.models for rec in [records[audit_id(o.request.request_id, m)]]
             for t in (rec.planned, rec.shadow) if t is not None) for o in chunk}
         rows_copied += ev.copy_rows(store, wanted, lambda rid: storage.join(folder_of(out, rid), ev.FEATURES_DIR))
-        for o in chunk:
-            write_deliverable(out, o, records, registry, inputs_hash=hashes[o.request.request_id], feature_store=store)
+        with ThreadPoolExecutor(WRITE_THREADS) as pool:  # many small atomic writes: I/O-bound (fsync, S3 PUT)
+            list(pool.map(lambda o: write_deliverable(out, o, records, registry, inputs_hash=hashes[o.request.request_id],
+                                                      feature_store=store, software=software), chunk))
     lap("deliver", t0)
 
     # 6. ledger, rejected rows, index

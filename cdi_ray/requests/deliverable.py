@@ -160,10 +160,9 @@ def _config_hash(cfg: dict | None) -> str | None:
 
 
 def evidence_manifest(outcome: RequestOutcome, records: dict, registry: Registry, *, inputs_hash: str,
-                      feature_store: str) -> tuple[dict, list[dict]]:
-    """``(evidence.json, evidence-images rows)`` of one request."""
+                      feature_store: str, software: dict) -> tuple[dict, list[dict]]:
+    """``(evidence.json, evidence-images rows)`` of one request (``software``: package versions)."""
     from cdi_ray import __version__
-    from cdi_ray.pipeline.results import software_versions
 
     r = outcome.request
     audits, images = [], []
@@ -186,7 +185,7 @@ def evidence_manifest(outcome: RequestOutcome, records: dict, registry: Registry
     command = (f"python jobs/requests.py {REQUEST_FILE} --models {REGISTRY_FILE} --out OUT"
                + (" --family batch" if outcome.family["method"] == "bh" else ""))
     doc = {"schema": EVIDENCE_SCHEMA, "request": {**r.as_row(), "contact": r.contact}, "family": outcome.family,
-           "inputs_hash": inputs_hash, "cdi_ray_version": __version__, "software": software_versions(),
+           "inputs_hash": inputs_hash, "cdi_ray_version": __version__, "software": software,
            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "reproduce": {"verify": "cdi-ray verify .",
                          "from_images": f"{command}   (run in this folder; the same p-values and verdicts come back"
@@ -218,15 +217,18 @@ def _json(obj) -> bytes:
 
 
 def write_deliverable(out: str, outcome: RequestOutcome, records: dict, registry: Registry, *, inputs_hash: str,
-                      feature_store: str) -> str:
+                      feature_store: str, software: dict) -> str:
     """Everything of one request but its feature rows (:func:`cdi_ray.requests.evidence.copy_rows`);
-    ``results.json`` goes last — its presence marks a complete deliverable. Returns the folder."""
+    ``results.json`` goes last — its presence marks a complete deliverable. Returns the folder.
+
+    ``software``: :func:`cdi_ray.pipeline.results.software_versions` (read once per run: it parses
+    every package's metadata)."""
     from cdi_ray.report import render_audit_html
     from cdi_ray.requests.page import render_request_html
 
     folder = folder_of(out, outcome.request.request_id)
     evidence, images = evidence_manifest(outcome, records, registry, inputs_hash=inputs_hash,
-                                         feature_store=feature_store)
+                                         feature_store=feature_store, software=software)
     table = ev.images_parquet(images)
     evidence["files"] = {ev.IMAGES_FILE: hashlib.sha256(table).hexdigest()}
     _put(storage.join(folder, ev.IMAGES_FILE), table)

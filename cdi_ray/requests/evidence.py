@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import pyarrow as pa
@@ -25,6 +26,8 @@ from cdi_ray import storage
 IMAGES_FILE, FEATURES_DIR = "evidence-images.parquet", "features"
 IMAGE_COLUMNS = {"audit_id": pa.string(), "role": pa.string(), "set": pa.string(), "position": pa.int64(),
                  "uri": pa.string(), "content_hash": pa.string(), "store_key": pa.string(), "reason": pa.string()}
+#: Feature-row files written at once.
+WRITE_THREADS = 8
 #: Roles of a test in an audit: its own, and the reference-model control's re-run.
 MAIN, REFERENCE = "main", "reference"
 
@@ -131,7 +134,7 @@ def copy_rows(source_root: str, wanted: dict[str, dict[tuple[str, str], set[str]
     for per in wanted.values():
         for part, keys in per.items():
             partitions[part] |= keys
-    written = 0
+    writes = []
     for part, keys in sorted(partitions.items()):
         table = source.read(*part, keys)
         if table is None:
@@ -141,9 +144,10 @@ def copy_rows(source_root: str, wanted: dict[str, dict[tuple[str, str], set[str]
                 continue
             mine = table.filter(pc.is_in(table.column("content_hash"), value_set=pa.array(sorted(per[part]), pa.string())))
             if mine.num_rows:
-                FeatureStore(dest_of(owner)).write(*part, mine)
-                written += mine.num_rows
-    return written
+                writes.append((dest_of(owner), part, mine))
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:  # one small atomic write each: I/O-bound
+        list(pool.map(lambda w: FeatureStore(w[0]).write(*w[1], w[2]), writes))
+    return sum(w[2].num_rows for w in writes)
 
 
 def merge_reads(tests: Iterable) -> dict[tuple[str, str], set[str]]:
