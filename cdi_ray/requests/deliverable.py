@@ -98,9 +98,9 @@ def decide_request(request: Request, records: dict, *, alpha: float, min_samples
     """
     results, fired, problems = [], [], {}
     for m in request.models:
-        entry = records[audit_id(request.request_id, m)].entry
-        test = ((records[audit_id(request.request_id, m)].document.get("report") or {}).get("test")
-                if entry["status"] == "done" else None)
+        record = records[audit_id(request.request_id, m)]
+        entry = record.entry
+        test = (record.document.get("report") or {}).get("test") if entry["status"] == "done" else None
         if entry["status"] == "done" and not test:
             problems[m] = "the test ran but its result could not be recorded (report payload failed)"
         results.append(ev.test_result_from_dict(test) if test and m not in problems else None)

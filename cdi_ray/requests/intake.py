@@ -344,7 +344,7 @@ def with_metadata(source: Any, metadata: str | None) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# validation against the manifest schema, and the existence probe
+# validation against the manifest schema (the existence probe: cdi_ray.requests.probe)
 # ----------------------------------------------------------------------------------------------
 def validate(request: Request, registry: Registry, *, output: str, base_dir: str | None) -> Request | Rejection:
     """Check the request's sources (and its audits' options) exactly as a manifest would, and
@@ -366,45 +366,6 @@ def validate(request: Request, registry: Registry, *, output: str, base_dir: str
     dump = lambda s: s if isinstance(s, (str, list)) else s.model_dump(mode="json", exclude_none=True)  # noqa: E731
     return Request(request.row, request.request_id, request.owner, request.contact, dump(a.published),
                    dump(a.unpublished), request.models, request.metadata)
-
-
-def probe_source(source: Any) -> str | None:
-    """Why ``source`` cannot be read (None: it can). Cheap: stops at the first image of a folder,
-    checks a list file and a sidecar exist, and matches shard patterns — the full listing is the
-    pipeline's job, where a single unreadable image fails only itself."""
-    try:
-        if isinstance(source, str) and not source.rstrip("}").lower().endswith((".tar", ".parquet")):
-            return _probe_folder(source)
-        if isinstance(source, list):
-            return None if storage.exists(source[0]) else f"the first listed image {source[0]} does not exist"
-        if isinstance(source, str):
-            source = {"webdataset" if source.rstrip("}").lower().endswith(".tar") else "parquet": source}
-        meta = source.get("metadata")
-        if meta and not storage.exists(meta):
-            return f"metadata sidecar {meta} does not exist"
-        if "folder" in source:
-            return _probe_folder(source["folder"])
-        if "list_file" in source:
-            if not storage.exists(source["list_file"]):
-                return f"list file {source['list_file']} does not exist"
-            return None if storage.read_list_file(source["list_file"]) else f"list file {source['list_file']} names no images"
-        from cdi_ray.sources import expand_pattern
-
-        patterns = source.get("webdataset", source.get("parquet"))
-        for p in [patterns] if isinstance(patterns, str) else patterns:
-            expand_pattern(p)
-        return None
-    except FileNotFoundError as exc:
-        return str(exc)
-    except (OSError, ValueError) as exc:
-        return f"cannot read it: {type(exc).__name__}: {exc}"
-
-
-def _probe_folder(folder: str) -> str | None:
-    for entry in storage.iter_files(folder):
-        if Path(entry.uri).suffix.lower() in storage.IMAGE_EXTENSIONS:
-            return None
-    return f"no image files under {folder}"
 
 
 def read_requests(uri: str, registry: Registry, *, output: str, probe: bool = True) -> Intake:
@@ -430,6 +391,8 @@ def read_requests(uri: str, registry: Registry, *, output: str, probe: bool = Tr
                 parsed = validate(parsed, registry, output=output, base_dir=base)
         (accepted if isinstance(parsed, Request) else rejected).append(parsed)
     if probe and accepted:
+        from cdi_ray.requests.probe import probe_source
+
         def one(r: Request):
             for side, source in (("published", r.published), ("unpublished", r.unpublished)):
                 why = probe_source(source)

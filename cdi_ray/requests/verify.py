@@ -9,6 +9,9 @@ the family correction is applied again, and every number that decides a verdict 
 p-value, the adjusted p-value, the verdict and its reason. Equality is exact: the test is
 deterministic given its inputs. Anything that differs is named.
 
+With ``--family batch`` the adjusted p-values depend on the whole batch, which the folder does
+not hold: they are taken from ``results.json`` and everything else is recomputed.
+
 ``--feature-store URI`` re-runs against another store (e.g. the batch's) instead of the
 folder's copy; ``--images`` also re-reads every image and compares its content hash.
 
