@@ -14,6 +14,12 @@
 4. re-runs the same command: nothing may be recomputed (0 audits, 0 features).
 
 The last line on stdout is a JSON record of all of it.
+
+``--seed-check`` instead measures what explains the null run's false ``used`` at 6 + 6 images: the
+default test's rejection rate on Gaussian null data with the seed fixed (as every audit's default
+seed 0 is) versus a fresh seed per dataset, at n = 6 and 50 per side (docs/VERDICTS.md)::
+
+    python jobs/requests_scale.py --seed-check            # ~2 minutes
 """
 from __future__ import annotations
 
@@ -89,13 +95,37 @@ def run_job(requests: Path, registry: Path, out: Path) -> dict:
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_s": round(wall, 1), "summary": summary}
 
 
+def seed_check(datasets: int = 4000) -> list[dict]:
+    """Rejection rates of the default test on i.i.d. Gaussian null data (k = 2), per n and seed rule."""
+    import numpy as np
+
+    from cdi_ray.stats import run_test
+
+    out = []
+    for n, seeds in ((6, ("0", "1", "fresh")), (50, ("0", "1", "2", "fresh"))):
+        for rule in seeds:
+            rng = np.random.default_rng(12345)
+            ps = np.array([run_test(*np.split(rng.normal(size=(2 * n, 2)), 2),
+                                    seed=i if rule == "fresh" else int(rule)).pvalue for i in range(datasets)])
+            out.append({"n_per_side": n, "seed": rule, "datasets": datasets,
+                        **{f"P(p<={a})": round(float((ps <= a).mean()), 4) for a in (0.01, 0.05, 0.1)}})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--seed-check", action="store_true", help="only the fixed-seed calibration check (no pipeline)")
+    p.add_argument("--workdir")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--images", type=int, default=6, help="images per collection (per side)")
     p.add_argument("--bad", type=int, default=8, help="rows that must be rejected")
     args = p.parse_args()
+    if args.seed_check:
+        print(json.dumps({"seed_check": seed_check()}))
+        return
+    if not args.workdir:
+        p.error("give --workdir (or --seed-check)")
     root = Path(args.workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from cdi_ray.cli import main as cli_main
 from cdi_ray.models.testing import make_tiny_pixel_ddpm
 from cdi_ray.requests import run_requests, verify_request
 from cdi_ray.requests.deliverable import REGISTRY_FILE, REQUEST_FILE
@@ -107,7 +108,7 @@ def test_every_done_request_verifies_exactly_from_its_own_folder(batch):
     assert v.matches and v.images_checked == 2 * N  # against the batch's store, and the image bytes too
 
 
-def test_verify_names_what_a_tampered_folder_changed(batch, tmp_path):
+def test_verify_names_what_a_tampered_folder_changed(batch, tmp_path, capsys):
     folder = tmp_path / "copy"
     shutil.copytree(_folder(batch, "request-charlie-9e8b"), folder)
     results = json.loads((folder / "results.json").read_text())
@@ -129,6 +130,11 @@ def test_verify_names_what_a_tampered_folder_changed(batch, tmp_path):
     assert (a["audit_id"], "p_value") in named  # the recomputed test sees the change
     assert (results["audits"][1]["audit_id"], "verdict") in named  # the edited verdict is caught too
     assert all(d.where != "evidence-images.parquet" for d in v.differences)
+    # the command line: 3 and the differences when something differs, 0 when identical, 2 for no deliverable
+    assert cli_main(["verify", str(folder)]) == 3 and "p_value" in capsys.readouterr().out
+    assert cli_main(["verify", str(_folder(batch, "request-bravo-7f3a"))]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert cli_main(["verify", str(tmp_path)]) == 2
 
 
 def test_nothing_of_another_owner_is_in_an_owners_folder(batch):
