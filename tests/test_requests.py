@@ -225,3 +225,23 @@ def test_outputs_outside_the_output_root_are_refused_before_anything_runs(tmp_pa
         run_requests(str(tmp_path / "r.csv"), str(registry_file), str(tmp_path / "out"),
                      output_root=str(tmp_path / "allowed"))
     assert not (tmp_path / "out").exists()
+
+
+def test_family_verdicts_come_from_the_verdict_policy_and_name_the_family():
+    from cdi_ray.stats import TestResult
+
+    def result(p):
+        return TestResult(procedure="crossfit-permutation", pvalue=p, statistic=3.0, statistic_name="t", effect_size=1.0,
+                          auc=0.8, direction="P>U", pvalue_reverse=0.99, n_published=60, n_unpublished=60, alpha=0.01,
+                          seed=0, calibrated=True)
+
+    label = " after Holm's adjustment across the 2 models audited for this request"
+    out = fam.decide([result(0.004), result(0.2), None], alpha=0.01, controls=[[], [], []], min_samples=[None] * 3,
+                     family_label=label)
+    assert out[2].verdict == "inconclusive" and out[2].p_adjusted is None  # a failed audit: in the family, p = 1
+    assert out[0].verdict == "not_detected" and out[0].p_adjusted == pytest.approx(0.012)  # 3 models: 3 × 0.004
+    out = fam.decide([result(0.004), result(0.2)], alpha=0.01, controls=[[], ["P and U differ"]], min_samples=[None] * 2,
+                     family_label=label)
+    assert out[0].verdict == "used" and out[0].p_adjusted == pytest.approx(0.008)
+    assert label in out[0].reason and fam.BATCH_PHRASE not in out[0].reason
+    assert out[1].verdict == "inconclusive" and "P and U differ" in out[1].reason  # a fired control, as in any audit
