@@ -22,28 +22,26 @@ class UserError(Exception):
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
-    from cdi_ray.features.extract import extract_to_parquet
+    from cdi_ray import extract_features
 
-    n = extract_to_parquet(
-        args.model, args.images, args.out,
-        preset=args.preset, seed=args.seed, device=args.device, batch_size=args.batch_size,
-    )
-    print(f"wrote {n} feature rows to {args.out}")
+    table = extract_features(args.model, args.images, preset=args.preset, seed=args.seed, device=args.device,
+                             batch_size=args.batch_size, out=args.out)
+    print(f"wrote {table.num_rows} feature rows to {args.out}")
     return EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from cdi_ray.spec import load_manifest
+    from cdi_ray import load_manifest
 
     m = load_manifest(args.manifest, root=args.output_root)
     print(f"{args.manifest}: valid — {len(m.models)} model(s), {len(m.audits)} audit(s), output {m.output}")
     return EXIT_OK
 
 
-def _cmd_audit(args: argparse.Namespace) -> int:
-    from cdi_ray.pipeline.run import ensure_ray, run_manifest
-    from cdi_ray.spec import load_manifest
-
+def _load_for_run(args: argparse.Namespace):
+    """The manifest, with ``--out`` / ``--feature-store`` checked against the output root; Ray started."""
+    from cdi_ray import load_manifest
+    from cdi_ray.pipeline.cluster import ensure_ray
     from cdi_ray.spec import location_problems, output_root
 
     manifest = load_manifest(args.manifest, root=args.output_root)
@@ -51,12 +49,46 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if outside:
         raise UserError("; ".join(outside))
     ensure_ray(args.address, num_cpus=args.num_cpus)
-    batch = run_manifest(manifest, args.out, feature_store=args.feature_store)
+    return manifest
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cdi_ray import run_manifest
+
+    batch = run_manifest(_load_for_run(args), args.out, feature_store=args.feature_store, rehash=args.rehash)
     s = batch.summary
     print(f"{s['audits']} audits: {s['done']} done, {s['failed']} failed — "
           f"used {s['used']}, not detected {s['not_detected']}, inconclusive {s['inconclusive']}")
     print(f"results: {batch.output}")
     return batch.exit_code
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from cdi_ray import plan_manifest
+
+    plan = plan_manifest(_load_for_run(args), args.out, feature_store=args.feature_store, rehash=args.rehash)
+    print(plan_text(plan))
+    return EXIT_OK if all(a.error is None for a in plan.audits.values()) else EXIT_PARTIAL
+
+
+def plan_text(plan) -> str:
+    """A plan as a person reads it: per model what would be computed, the audits that cannot run."""
+    lines = [f"{'model':<24} {'images':>10} {'rows':>10}  features"]
+    for s in plan.streams.values():
+        features = "; ".join(",".join(c.get("features") or []) if isinstance(c.get("features"), list)
+                             else str(c.get("features")) for c in s.configs.values())
+        lines.append(f"{s.model:<24} {s.images:>10,} {s.rows:>10,}  {features}")
+    if not plan.streams:
+        lines.append("(nothing to compute: the store holds every feature the audits need)")
+    failed = [a for a in plan.audits.values() if a.error]
+    lines.append(f"{len(plan.audits)} audit(s): {len(plan.audits) - len(failed)} planned, {len(failed)} cannot run; "
+                 f"{plan.needed:,} feature rows needed, {plan.to_compute:,} to compute")
+    lines += [f"  {a.audit_id}: {a.error}" for a in failed[:20]]
+    descriptors = sum(d.needed - d.stored_before for d in plan.descriptors.values())
+    if descriptors:
+        lines.append(f"{descriptors:,} image(s) need model-free descriptors")
+    lines.append(f"plan: {plan.run_dir}/plan.json")
+    return "\n".join(lines)
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
@@ -131,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdi-ray",
         description="Copyrighted-data identification for diffusion models: audit whether a model was trained on a collection.",
-        epilog="Exit codes: 0 done, 2 invalid input, 3 partial failure, 1 internal error.",
+        epilog="Exit codes: 0 done, 2 invalid input, 3 partial failure (plan: some audits cannot run), 1 internal error.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -141,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers model directory (see README: supported families)")
     p.add_argument("--images", required=True, help="a folder of images, or a text file with one image path per line")
     p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--preset", default="white-box", choices=["white-box", "gray-box"], help="feature preset (default: white-box, 26 features)")
+    p.add_argument("--preset", default="white-box", choices=["white-box", "gray-box", "efficient"],
+                   help="feature preset (default: white-box, 26 features)")
     p.add_argument("--seed", type=int, default=0, help="audit seed; every random draw derives from it and the image's content hash")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default: 32)")
@@ -153,15 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-root", help=ROOT_HELP)
     p.set_defaults(run=_cmd_validate)
 
-    p = sub.add_parser("audit", help="run every audit of a manifest (local Ray, or the cluster at $RAY_ADDRESS)",
-                       description="Run a batch of audits: features through Ray Data actor pools, the calibrated test, FDR across the batch.")
-    p.add_argument("manifest", help="manifest file (local path or s3:// URI)")
-    p.add_argument("--out", help="output location overriding the manifest's `output`")
-    p.add_argument("--feature-store", help="feature store location (default: the manifest's, else <output>/features)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(8, cores))")
-    p.add_argument("--output-root", help=ROOT_HELP)
-    p.set_defaults(run=_cmd_audit)
+    for name, run, help_, description in (
+            ("audit", _cmd_audit, "run every audit of a manifest (local Ray, or the cluster at $RAY_ADDRESS)",
+             "Run a batch of audits: features through Ray Data actor pools, the calibrated test, FDR across the batch."),
+            ("plan", _cmd_plan, "list, hash and plan a manifest's audits; compute nothing",
+             "What a run would compute, how much and on which models: list the sources, hash new images (the "
+             "store's index spares known ones), plan against the feature store, write <output>/plan/plan.json.")):
+        p = sub.add_parser(name, help=help_, description=description)
+        p.add_argument("manifest", help="manifest file (local path or s3:// URI)")
+        p.add_argument("--out", help="output location overriding the manifest's `output`")
+        p.add_argument("--feature-store", help="feature store location (default: the manifest's, else <output>/features)")
+        p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+        p.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: max(8, cores))")
+        p.add_argument("--rehash", action="store_true", help="ignore the URI → hash index and re-read every image")
+        p.add_argument("--output-root", help=ROOT_HELP)
+        p.set_defaults(run=run)
 
     p = sub.add_parser("pack", help="pack a folder of images (+ a metadata sidecar) into WebDataset or Parquet shards",
                        description="Copy the images under SRC (bytes unchanged, so content hashes and stored features "
@@ -179,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output folder (default: ./demo-out)")
     p.add_argument("--n", type=int, default=None,
                    help="images per collection for every audit (default: per model, cdi_ray.demo.audit.DEMO_SIZES)")
-    p.add_argument("--preset", default="gray-box", choices=["white-box", "gray-box"],
-                   help="feature preset (default: gray-box — forward passes only, the fastest; white-box takes ~2.7× as long)")
+    p.add_argument("--preset", default="efficient", choices=["white-box", "gray-box", "efficient"],
+                   help="feature preset (default: efficient — forward passes only, as cheap as gray-box and the most "
+                        "decisive on the demo models; white-box takes ~2.7× as long)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and of every feature draw (default: 0)")
     p.set_defaults(run=_cmd_demo)
 

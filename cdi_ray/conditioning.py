@@ -101,6 +101,112 @@ class LabelReport:
         return d
 
 
+@dataclass
+class LabelProblems:
+    """Images a class-conditional model cannot be given as labelled (each list keeps its first examples)."""
+
+    unlabelled: list[str] = field(default_factory=list)
+    unknown: list[tuple[str, str]] = field(default_factory=list)
+    outside: list[tuple[str, str, int]] = field(default_factory=list)
+    counts: dict = field(default_factory=lambda: {"unlabelled": 0, "unknown": 0, "outside": 0})
+    no_null_class: bool = False
+    num_classes: int = 0
+
+    def add(self, other: "LabelProblems") -> "LabelProblems":
+        for name in ("unlabelled", "unknown", "outside"):
+            getattr(self, name).extend(getattr(other, name)[:_EXAMPLES - len(getattr(self, name))])
+            self.counts[name] += other.counts[name]
+        self.no_null_class |= other.no_null_class
+        self.num_classes = self.num_classes or other.num_classes
+        return self
+
+    def message(self) -> str | None:
+        """One message naming the images and the fix; None when there is no problem."""
+        if self.no_null_class:
+            return ("labels.missing is 'null' but the model has no null class — give every image a label, "
+                    "or load the model with options {null_class: <index>} if it was trained with one")
+        problems = []
+        if self.counts["unlabelled"]:
+            problems.append(f"{self.counts['unlabelled']} image(s) have no class label (e.g. {', '.join(self.unlabelled)}) "
+                            f"but the model is class-conditional — give labels (a .cls/.json member, a label column "
+                            f"or a sidecar), or set the audit's labels: {{missing: null}} to use the null class")
+        if self.counts["unknown"]:
+            ex = ", ".join(f"{u} ({lab!r})" for u, lab in self.unknown)
+            problems.append(f"{self.counts['unknown']} label(s) are neither in the label map nor class names of the model "
+                            f"(e.g. {ex}) — add them to the audit's labels: {{map: …}}")
+        if self.counts["outside"]:
+            ex = ", ".join(f"{u} ({lab!r} → {i})" for u, lab, i in self.outside)
+            problems.append(f"{self.counts['outside']} label(s) fall outside the model's classes [0, {self.num_classes - 1}] "
+                            f"(e.g. {ex}) — fix the labels or the label map")
+        return "; ".join(problems) or None
+
+
+def condition_images(uris: list[str], hashes: list[str | None], labels: list[str | None],
+                     captions: list[tuple[str, ...]], info: dict, *, label_map: dict[str, int], missing: str,
+                     map_source: str | None = None) -> tuple[list[Conditioning | None], LabelReport, LabelProblems]:
+    """What each image (columns of one collection) is passed to one model, the report, and the problems.
+
+    Images without a hash (they could not be read) get ``None``; so do images with a label problem.
+    :func:`conditioning_for` is the same for listed entries, raising on problems.
+    """
+    kind = info.get("conditioning_kind", "none")
+    report = LabelReport(kind, missing_policy=missing, label_source=map_source, null_class=info.get("null_class"))
+    problems = LabelProblems()
+    out: list[Conditioning | None] = [None] * len(uris)
+    if kind == "class":
+        names = {str(v): int(k) for k, v in (info.get("class_names") or {}).items()}
+        num, null = int(info["num_classes"]), info.get("null_class")
+        problems.num_classes = num
+        if missing == "null" and null is None:
+            problems.no_null_class = True
+            return out, report, problems
+        for i, (uri, h, label) in enumerate(zip(uris, hashes, labels)):
+            if h is None:
+                continue
+            if label is None:
+                if missing != "null":
+                    problems.counts["unlabelled"] += 1
+                    if len(problems.unlabelled) < _EXAMPLES:
+                        problems.unlabelled.append(uri)
+                    continue
+                index = int(null)
+                report.null_class_used += 1
+            else:
+                index = label_map.get(label, names.get(label))
+                if index is None:
+                    if not label.lstrip("-").isdigit():
+                        problems.counts["unknown"] += 1
+                        if len(problems.unknown) < _EXAMPLES:
+                            problems.unknown.append((uri, label))
+                        continue
+                    index = int(label)
+                if not (0 <= index < num or index == null):
+                    problems.counts["outside"] += 1
+                    if len(problems.outside) < _EXAMPLES:
+                        problems.outside.append((uri, label, index))
+                    continue
+                report.labelled += 1
+            out[i] = Conditioning(image_key(h, kind, label=index), label=index)
+        return out, report, problems
+    for i, (h, caps) in enumerate(zip(hashes, captions)):
+        if h is None:
+            continue
+        if kind == "text":
+            caps = tuple(caps)
+            report.captioned += bool(caps)
+            report.uncaptioned += not caps
+            out[i] = Conditioning(image_key(h, kind, captions=caps), captions=caps)
+        else:
+            out[i] = Conditioning(h)
+    return out, report, problems
+
+
+def merge_reports(a: LabelReport, b: LabelReport) -> LabelReport:
+    """The report of two collections conditioned the same way (an audit's P and U)."""
+    return LabelReport(a.kind, a.missing_policy, a.labelled + b.labelled, a.null_class_used + b.null_class_used,
+                       a.captioned + b.captioned, a.uncaptioned + b.uncaptioned, a.label_source, a.null_class)
+
+
 def conditioning_for(entries, hashes: dict[str, str], info: dict, *, label_map: dict[str, int],
                      missing: str, map_source: str | None = None) -> tuple[dict[str, Conditioning], LabelReport]:
     """``uri → Conditioning`` of an audit's hashed images under one model, and the report of it.
@@ -117,64 +223,12 @@ def conditioning_for(entries, hashes: dict[str, str], info: dict, *, label_map: 
             ``missing="null"`` and the model has a null class), or labels outside the model's range;
             the message names the images and the fix.
     """
-    kind = info.get("conditioning_kind", "none")
-    report = LabelReport(kind, missing_policy=missing, label_source=map_source, null_class=info.get("null_class"))
-    out: dict[str, Conditioning] = {}
-    if kind == "class":
-        names = {str(v): int(k) for k, v in (info.get("class_names") or {}).items()}
-        num, null = int(info["num_classes"]), info.get("null_class")
-        if missing == "null" and null is None:
-            raise ValueError("labels.missing is 'null' but the model has no null class — give every image a label, "
-                             "or load the model with options {null_class: <index>} if it was trained with one")
-        unlabelled, unknown, outside = [], [], []
-        for e in entries:
-            h = hashes.get(e.uri)
-            if h is None:
-                continue
-            label = e.label
-            if label is None:
-                if missing != "null":
-                    unlabelled.append(e.uri)
-                    continue
-                index = int(null)
-                report.null_class_used += 1
-            else:
-                index = label_map.get(label, names.get(label))
-                if index is None:
-                    if not label.lstrip("-").isdigit():
-                        unknown.append((e.uri, label))
-                        continue
-                    index = int(label)
-                if not (0 <= index < num or index == null):
-                    outside.append((e.uri, label, index))
-                    continue
-                report.labelled += 1
-            out[e.uri] = Conditioning(image_key(h, kind, label=index), label=index)
-        problems = []
-        if unlabelled:
-            problems.append(f"{len(unlabelled)} image(s) have no class label (e.g. {', '.join(unlabelled[:_EXAMPLES])}) "
-                            f"but the model is class-conditional — give labels (a .cls/.json member, a label column "
-                            f"or a sidecar), or set the audit's labels: {{missing: null}} to use the null class")
-        if unknown:
-            ex = ", ".join(f"{u} ({lab!r})" for u, lab in unknown[:_EXAMPLES])
-            problems.append(f"{len(unknown)} label(s) are neither in the label map nor class names of the model "
-                            f"(e.g. {ex}) — add them to the audit's labels: {{map: …}}")
-        if outside:
-            ex = ", ".join(f"{u} ({lab!r} → {i})" for u, lab, i in outside[:_EXAMPLES])
-            problems.append(f"{len(outside)} label(s) fall outside the model's classes [0, {num - 1}] (e.g. {ex}) — "
-                            f"fix the labels or the label map")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return out, report
-    for e in entries:
-        h = hashes.get(e.uri)
-        if h is None:
-            continue
-        if kind == "text":
-            caps = tuple(e.captions)
-            report.captioned += bool(caps)
-            report.uncaptioned += not caps
-            out[e.uri] = Conditioning(image_key(h, kind, captions=caps), captions=caps)
-        else:
-            out[e.uri] = Conditioning(h)
-    return out, report
+    entries = list(entries)
+    uris = [e.uri for e in entries]
+    conds, report, problems = condition_images(uris, [hashes.get(u) for u in uris], [e.label for e in entries],
+                                               [tuple(e.captions) for e in entries], info, label_map=label_map,
+                                               missing=missing, map_source=map_source)
+    message = problems.message()
+    if message:
+        raise ValueError(message)
+    return {u: c for u, c in zip(uris, conds) if c is not None}, report

@@ -346,6 +346,33 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def parquet_bytes(table, metadata: dict[str, str] | None = None, compression: str = "zstd") -> bytes:
+    """A whole Parquet file in memory (its footer — Parquet's own commit marker — is written last)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+def write_parquet(uri: str, table, metadata: dict[str, str] | None = None) -> None:
+    """``table`` as one Parquet file at ``uri``, atomically (:func:`atomic_write_bytes`)."""
+    atomic_write_bytes(uri, parquet_bytes(table, metadata))
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A whole Parquet file as a pyarrow table (``FileNotFoundError`` when it does not exist)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(read_bytes(uri)), columns=columns)
+
+
 def delete(uri: str) -> None:
     """Remove one file; missing files are fine."""
     if is_remote(uri):

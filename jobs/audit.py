@@ -12,6 +12,11 @@ Smoke test (CPU, a tiny random model, a few generated images, nothing to downloa
 
     python jobs/audit.py --smoke-test
 
+Plan only — list, hash (via the store's index) and plan, write ``<output>/plan/plan.json``, compute
+nothing::
+
+    python jobs/audit.py manifest.yaml --dry-run
+
 Exit codes: 0 every audit done; 3 partial failure (some audits failed — recorded in results.json
 with their reason — the rest completed); 2 invalid input (bad manifest, unreadable manifest);
 1 internal error. The last line on stdout is a JSON summary.
@@ -41,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rehash", action="store_true", help="ignore the URI→hash cache and re-read every image")
     p.add_argument("--output-root", help="folder or s3:// prefix every output location must lie under "
                                          "(default: $CDI_RAY_OUTPUT_ROOT; unset: no confinement)")
+    p.add_argument("--dry-run", action="store_true", help="plan only: what would be computed, how much, on which "
+                                                         "models (<output>/plan/plan.json); compute nothing")
     p.add_argument("--smoke-test", action="store_true", help="run a tiny self-contained audit on CPU and exit")
     p.add_argument("-v", "--verbose", action="count", default=1, help="more log detail")
     args = p.parse_args(argv)
@@ -78,8 +85,9 @@ def smoke_manifest(workdir: str) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from cdi_ray.pipeline.run import ensure_ray, run_manifest
-    from cdi_ray.spec import ManifestError, load_manifest, location_problems, output_root
+    from cdi_ray import ManifestError, load_manifest, plan_manifest, run_manifest
+    from cdi_ray.pipeline.cluster import ensure_ray
+    from cdi_ray.spec import location_problems, output_root
 
     path = args.manifest or smoke_manifest(tempfile.mkdtemp(prefix="cdi-ray-smoke-"))
     root = output_root(getattr(args, "output_root", None))
@@ -91,6 +99,12 @@ def main(args: argparse.Namespace) -> dict:
     if outside:
         return {"exit_code": EXIT_INVALID, "error": "; ".join(outside)}
     ensure_ray(args.address, num_cpus=args.num_cpus)
+    if getattr(args, "dry_run", False):
+        plan = plan_manifest(manifest, args.out, feature_store=args.feature_store, rehash=args.rehash)
+        failed = sum(a.error is not None for a in plan.audits.values())
+        return {"exit_code": EXIT_PARTIAL if failed else EXIT_OK, "plan": plan.run_dir, "audits": len(plan.audits),
+                "cannot_run": failed, "needed": plan.needed, "to_compute": plan.to_compute,
+                "models": {s.model: {"images": s.images, "rows": s.rows} for s in plan.streams.values()}}
     batch = run_manifest(manifest, args.out, feature_store=args.feature_store, rehash=args.rehash)
     return {"exit_code": batch.exit_code, "output": batch.output, "summary": batch.summary,
             "features": {k: v for k, v in batch.run["features"].items() if k != "per_model"},
@@ -110,4 +124,6 @@ if __name__ == "__main__":
     if result.get("error"):
         print(result["error"], file=sys.stderr)
     print(json.dumps(result))
-    sys.exit(result["exit_code"])
+    from cdi_ray.pipeline.cluster import exit_process
+
+    exit_process(result["exit_code"])

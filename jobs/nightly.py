@@ -35,9 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
+    from cdi_ray import ManifestError, load_manifest
+    from cdi_ray.pipeline.cluster import ensure_ray
     from cdi_ray.pipeline.nightly import run_nightly
-    from cdi_ray.pipeline.run import ensure_ray
-    from cdi_ray.spec import ManifestError, load_manifest
 
     try:
         manifest = load_manifest(args.manifest)
@@ -62,4 +62,6 @@ if __name__ == "__main__":
     if result.get("error"):
         print(result["error"], file=sys.stderr)
     print(json.dumps(result))
-    sys.exit(result["exit_code"])
+    from cdi_ray.pipeline.cluster import exit_process
+
+    exit_process(result["exit_code"])

@@ -53,6 +53,6 @@ def test_validate_accepts_the_shipped_examples(capsys):
 
 
 def test_every_subcommand_has_help():
-    for cmd in ("features", "validate", "audit", "demo", "report"):
+    for cmd in ("features", "validate", "plan", "audit", "demo", "report"):
         proc = subprocess.run([sys.executable, "-m", "cdi_ray", cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: cdi-ray " + cmd in proc.stdout, proc.stderr

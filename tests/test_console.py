@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from cdi_ray.console import ProgressBar, format_duration
-from cdi_ray.pipeline.run import MIN_WRITES_PER_STREAM, WRITE_BATCH, write_batch_size
+from cdi_ray.pipeline.streams import MIN_WRITES_PER_STREAM, WRITE_BATCH, write_batch_size
 
 from _pipeline_helpers import write_images
 

@@ -136,7 +136,7 @@ def test_verdict_takes_control_results():
 
 # ---------------------------------------------------------------------------------------------- permutation cap
 def test_batch_max_permutations_reaches_the_fdr_threshold():
-    from cdi_ray.pipeline.run import DEFAULT_MAX_PERMUTATIONS, MAX_BATCH_PERMUTATIONS, batch_max_permutations, test_options
+    from cdi_ray.pipeline.aggregate import DEFAULT_MAX_PERMUTATIONS, MAX_BATCH_PERMUTATIONS, batch_max_permutations, test_options
     from cdi_ray.spec import TestSpec
 
     assert batch_max_permutations(1, 0.05, "bh") == DEFAULT_MAX_PERMUTATIONS
@@ -157,7 +157,7 @@ def test_batch_max_permutations_reaches_the_fdr_threshold():
 
 def test_raised_cap_resolves_a_strong_audit():
     """With the raised cap an overwhelming audit's p-value drops below the BH threshold q/m."""
-    from cdi_ray.pipeline.run import batch_max_permutations
+    from cdi_ray.pipeline.aggregate import batch_max_permutations
 
     rng = np.random.default_rng(5)
     P, U = rng.normal(-1.5, 1, (60, 2)), rng.normal(0, 1, (60, 2))
@@ -206,7 +206,7 @@ def test_reference_control_fires_when_the_reference_detects():
 
 
 def test_calibrated_rows_subtract_per_hash_and_need_both_sides_ok():
-    from cdi_ray.pipeline.aggregate import calibrated_rows
+    from cdi_ray.pipeline.aggregator import calibrated_rows
 
     target = ({"a": 0, "b": 1, "c": 2, "d": 3}, ["ok", "ok", "error", "ok"], [None, None, "truncated", None],
               np.arange(8.0).reshape(4, 2))
@@ -304,7 +304,7 @@ def test_pipeline_class_shift_is_inconclusive_never_used(ray_session, tiny_pixel
     store = FeatureStore(str(tmp_path / "out" / "features"))
 
     def stored(model_name):
-        cfg = plan.feature_config(m, a_cal, model_name)
+        cfg = m.feature_config(a_cal, model_name)
         t = store.read(load_model(m.models[model_name].uri).fingerprint, plan.store_key(cfg, m.models[model_name]))
         rows = dict(zip(t.column("content_hash").to_pylist(), range(t.num_rows)))
         return rows, np.column_stack([t.column(c).to_numpy() for c in cfg.columns])
@@ -312,7 +312,7 @@ def test_pipeline_class_shift_is_inconclusive_never_used(ray_session, tiny_pixel
     (rows_t, X_t), (rows_r, X_r) = stored("m"), stored("ref")
     hashes = {side: [content_hash(f.read_bytes()) for f in sorted((tmp_path / side).iterdir())] for side in "pu"}
     diff = {side: np.stack([X_t[rows_t[h]] - X_r[rows_r[h]] for h in hs]) for side, hs in hashes.items()}
-    from cdi_ray.pipeline.run import batch_max_permutations, test_options
+    from cdi_ray.pipeline.aggregate import batch_max_permutations, test_options
 
     options = test_options(a_cal.test, batch_max_permutations(4, m.fdr.q, m.fdr.method))
     direct = run_test(diff["p"], diff["u"], procedure=a_cal.test.procedure, alpha=a_cal.test.alpha, seed=a_cal.seed,

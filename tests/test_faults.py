@@ -27,7 +27,7 @@ import pytest
 import ray
 import yaml
 
-from cdi_ray.pipeline import run as run_module
+from cdi_ray.pipeline import streams as streams_module
 from _pipeline_helpers import write_images
 
 FAST = {"dl": {"n_draws": 2}}
@@ -97,7 +97,7 @@ def test_out_of_memory_splits_the_batch_then_refuses_single_images(tiny_pixel_di
     uris = sorted(str(p) for p in (data / "p").iterdir())[:6]
     batch = decode_batch({"uri": np.array(uris, dtype=object),
                           "content_hash": np.array([content_hash(open(u, "rb").read()) for u in uris], dtype=object),
-                          "cfgs": np.array([key] * 6, dtype=object)}, size=16, channels=1)
+                          "configs": np.array([key] * 6, dtype=object)}, size=16, channels=1)
     one_image_mb = 16 * 16 * 4 / 2**20
 
     def stage(limit):
@@ -140,8 +140,8 @@ def test_killed_feature_actor_job_completes_with_identical_results(ray_session, 
     from cdi_ray.pipeline.run import run_manifest
     from cdi_ray.spec import parse_manifest
 
-    monkeypatch.setattr(run_module, "WRITE_BATCH", 2)
-    monkeypatch.setattr(run_module, "ROWS_PER_BLOCK", 2)
+    monkeypatch.setattr(streams_module, "WRITE_BATCH", 2)
+    monkeypatch.setattr(streams_module, "ROWS_PER_BLOCK", 2)
     out = tmp_path / "out"
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(b=run_manifest(parse_manifest(manifest(models, data, out)))))
@@ -168,7 +168,8 @@ def test_killed_driver_rerun_resumes_from_the_store(ray_session, undisturbed, mo
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c",
-               "import functools, sys, cdi_ray.pipeline.run as r; r.WRITE_BATCH = r.ROWS_PER_BLOCK = 2; "
+               "import functools, sys, cdi_ray.pipeline.run as r, cdi_ray.pipeline.streams as s; "
+               "s.WRITE_BATCH = s.ROWS_PER_BLOCK = 2; "
                "r.run_manifest = functools.partial(r.run_manifest, max_concurrent_models=1); "
                "from cdi_ray.cli import main; sys.exit(main(sys.argv[1:]))",
                "audit", str(man), "--address", ray_session.address]

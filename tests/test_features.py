@@ -144,15 +144,40 @@ def test_presets_resolve_to_the_method_columns():
     assert FeatureConfig(features="white-box").columns == WHITE_BOX_COLUMNS
     assert FeatureConfig(features="gray-box").columns == GRAY_BOX_COLUMNS
     assert resolve_preset("white-box") == PRESETS["white-box"]
-    assert set(PRESETS["white-box"]) == set(FEATURES)
+    assert set(PRESETS["white-box"]) == set(FEATURES) - {"dlm", "piam"}  # the paper's seven families
+
+
+def test_paper_presets_are_unchanged():
+    """Issue 17: new presets and families leave the paper's presets — and so their feature-store keys — as
+    they were (hashes of the configuration before issue 17)."""
+    assert FeatureConfig(features="white-box").config_hash() == \
+        "0b2caa69015f8dcf312a452f7cbfc77e141c164a230a98c9441a68b1b1b4a5bf"
+    assert FeatureConfig(features="gray-box").config_hash() == \
+        "b6e393f5e1b0622d6110d5d335c67bedfd91dc0f5901f03d17309006b4ccead7"
+
+
+def test_efficient_preset_is_its_families_with_their_settings_within_the_pass_budget():
+    from cdi_ray.features.registry import PRESET_SETTINGS
+
+    cfg = FeatureConfig(features="efficient")
+    explicit = FeatureConfig(features=PRESETS["efficient"], overrides=PRESET_SETTINGS["efficient"])
+    assert cfg.config_hash() == explicit.config_hash() and cfg.columns == explicit.columns
+    passes = cfg.passes_per_image()
+    assert passes["forward"] <= passes_per_image("gray-box")["forward"] and passes["forward_backward"] == 0
+    assert not cfg.needs_gradients
+    # the user's overrides apply on top of the preset's settings
+    name = PRESETS["efficient"][0]
+    field = next(iter(PRESET_SETTINGS["efficient"][name]))
+    changed = FeatureConfig(features="efficient", overrides={name: {field: cfg.feature_config(name).model_dump()[field]}})
+    assert changed.config_hash() == cfg.config_hash()
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(KeyError, match="valid features: dl, secmi, pia, pian, gm, ml, no"):
+    with pytest.raises(KeyError, match="valid features: dl, secmi, pia, pian, gm, ml, no, dlm, piam"):
         get_feature_class("carlini")
-    with pytest.raises(KeyError, match="valid presets: white-box, gray-box"):
+    with pytest.raises(KeyError, match="valid presets: white-box, gray-box, efficient"):
         resolve_preset("black-box")
-    with pytest.raises(ValueError, match="valid presets: white-box, gray-box"):
+    with pytest.raises(ValueError, match="valid presets: white-box, gray-box, efficient"):
         FeatureConfig(features="black-box")
     with pytest.raises(ValueError, match="valid features"):
         FeatureConfig(features=("dl", "carlini"))
@@ -251,6 +276,38 @@ def test_closed_forms_on_the_gaussian_oracle():
     r0 = norm(f(q(100, e_no), 100) - e_no).numpy()
     np.testing.assert_allclose(out["no_loss"], np.abs(r0 - a(100) * out["no_delta_norm"]), rtol=1e-4, atol=1e-4)
     assert (out["no_loss"] < 0.5 * r0).all() and (out["no_delta_norm"] > 0).all()
+
+
+def test_multi_timestep_families_on_the_gaussian_oracle():
+    """DLM (DL at several t, n draws of the "dl" stream) and PIAM (PIA at several t and norm orders)."""
+    model = GaussianOracle(s2=0.25, channels=2, size=4)
+    B, seed = 3, 7
+    x, metas = _images(B, model.latent_shape, seed=4), _metas(B)
+    hashes = [m.content_hash for m in metas]
+    cfg = FeatureConfig(features=("dlm", "piam"), seed=seed, overrides={
+        "dlm": {"timesteps": (30, 150), "n_draws": 3}, "piam": {"timesteps": (40, 75), "orders": (2, 4.5)}})
+    out = FeatureExtractor(model, cfg)(x, metas)
+    assert list(out) == ["dlm_t30", "dlm_t150", "piam_t40_p2", "piam_t40_p4.5", "piam_t75_p2", "piam_t75_p4.5"]
+    assert cfg.passes_per_image() == {"forward": 2 * 3 + 1 + 2, "forward_backward": 0, "forward_backward_max": 0}
+    z = x.double()
+    f = lambda zt, t: float(model.a(t)) * zt  # noqa: E731
+    q = lambda t, e: math.sqrt(_ab(t)) * z + math.sqrt(1 - _ab(t)) * e  # noqa: E731
+    norm = lambda v, p=2: torch.linalg.vector_norm(v.flatten(1), ord=p, dim=1)  # noqa: E731
+    for t in (30, 150):
+        draws = [image_noise(seed, hashes, "dl", k, model.latent_shape).double() for k in range(3)]
+        want = sum(norm(f(q(t, e), t) - e) for e in draws) / 3
+        np.testing.assert_allclose(out[f"dlm_t{t}"], want.numpy(), rtol=2e-5, atol=1e-6)
+    eps0 = f(z, 0)
+    for t in (40, 75):
+        for p in (2, 4.5):
+            want = norm(eps0 - f(q(t, eps0), t), p)
+            np.testing.assert_allclose(out[f"piam_t{t}_p{p:g}"], want.numpy(), rtol=2e-5, atol=1e-6)
+    # dlm at t = 100 with n draws is DL without the shared first draw
+    dl = FeatureExtractor(model, FeatureConfig(features=("dl", "dlm"), seed=seed, overrides={
+        "dl": {"share_first_draw": False, "n_draws": 4}, "dlm": {"timesteps": (100,), "n_draws": 4}}))(x, metas)
+    np.testing.assert_allclose(dl["dl"], dl["dlm_t100"], rtol=1e-6)
+    with pytest.raises(ValueError, match="orders must be distinct positive"):
+        FeatureConfig(features=("piam",), overrides={"piam": {"orders": (2, 2)}})
 
 
 def test_paper_variants_are_named_options():

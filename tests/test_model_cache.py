@@ -126,21 +126,22 @@ def test_feature_actor_stage_runs_a_text_model_kept_in_s3(s3_model, tiny_uvit_te
     options and computes a row per image."""
     import numpy as np
 
-    from cdi_ray.pipeline.actors import STATUS_OK, FeatureStage, describe_model
+    from cdi_ray.pipeline.actors import STATUS_OK, FeatureStage
+    from cdi_ray.pipeline.describe import describe_model
 
     _, client, _ = s3_model
     upload(client, Path(tiny_uvit_text_dir), "team/uvit")
     uri = f"s3://{BUCKET}/team/uvit"
     options = {"missing_caption": "empty"}
     info = describe_model(uri, str(tmp_path / "store"), options)
-    assert (info["family"], info["image_size"], info["image_channels"]) == ("uvit", 16, 3)
-    assert info["fingerprint"] == model_fingerprint(tiny_uvit_text_dir)
-    stage = FeatureStage(model_uri=uri, fingerprint=info["fingerprint"], configs={"k": {"features": "gray-box"}},
+    assert (info.family, info.image_size, info.image_channels) == ("uvit", 16, 3)
+    assert info.fingerprint == model_fingerprint(tiny_uvit_text_dir)
+    stage = FeatureStage(model_uri=uri, fingerprint=info.fingerprint, configs={"k": {"features": "gray-box"}},
                          load_options=options)
     stage.setup()
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
     rows = stage.process({"content_hash": np.array(["aa" * 32, "bb" * 32], dtype=object),
-                          "cfgs": np.array(["k", "k"], dtype=object), "image": images,
+                          "configs": np.array(["k", "k"], dtype=object), "image": images,
                           "status": np.array([STATUS_OK] * 2, dtype=object), "error": np.array(["", ""], dtype=object)})
     assert [(r[0], r[1], r[2]) for r in rows] == [("aa" * 32, "k", STATUS_OK), ("bb" * 32, "k", STATUS_OK)]
     assert all(len(r[4]) == 14 and np.isfinite(r[4]).all() for r in rows)

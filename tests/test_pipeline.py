@@ -18,9 +18,8 @@ import yaml
 
 from cdi_ray import storage
 from cdi_ray.models.testing import make_tiny_pixel_ddpm
-from cdi_ray.pipeline import plan as planning
 from cdi_ray.pipeline.actors import SUMMARY_SCHEMA, FeatureActor
-from cdi_ray.pipeline.aggregate import AuditJob, ImageRef, gather
+from cdi_ray.pipeline.aggregator import AuditJob, ImageRef, gather
 from cdi_ray.pipeline.nightly import run_nightly
 from cdi_ray.pipeline.results import diff_markdown, diff_results
 from cdi_ray.pipeline.run import run_manifest
@@ -158,6 +157,24 @@ def test_batch_dedup_reuse_and_crash_safety(ray_session, models, data, tmp_path)
     assert comparable(json.loads((out / "results.json").read_text())) == comparable(res)
 
 
+def test_plan_only_says_what_a_run_would_compute_and_computes_nothing(ray_session, models, data, tmp_path, capsys):
+    from cdi_ray.cli import EXIT_PARTIAL, main
+
+    out = tmp_path / "out"
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(manifest_dict(models, data, out)))
+    assert main(["plan", str(path)]) == EXIT_PARTIAL  # a4 (unlisted source) and a6 (not a model) cannot run
+    text = capsys.readouterr().out
+    assert "a4: cannot list sources" in text and "a6: model 'm3'" in text and "69 to compute" in text
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    assert plan["to_compute"] == 69 and sorted(plan["models"]) == ["m1", "m2"]
+    assert not list((out / "features").glob("model=*"))  # nothing computed, nothing stored
+    # the plan was right: the run computes (or finds undecodable) exactly those rows, and then nothing is left
+    b = run_manifest(parse_manifest(manifest_dict(models, data, out)))
+    assert b.run["features"]["computed"] + b.run["features"]["decode_errors"] == 69 and b.run["images"]["hashed"] == 0
+    assert main(["plan", str(path)]) == EXIT_PARTIAL and "0 to compute" in capsys.readouterr().out
+
+
 def test_nightly_computes_only_new_images_and_diffs(ray_session, models, data, tmp_path):
     root = tmp_path / "nightly"
     p = tmp_path / "p"
@@ -217,25 +234,84 @@ def test_s3_round_trip(ray_session, models, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- pieces, no Ray
-def test_plan_work_dedups_across_audits_models_and_store():
-    needs = {"A": {"c1": {"h1", "h2", "h3"}, "c2": {"h1"}}, "B": {"c1": {"h1", "h4"}}, "A2": {"c1": {"h2", "h5"}}}
-    rep = {h: planning.ImageWork(f"s3://x/{h}.png", h) for h in ("h1", "h2", "h3", "h4", "h5")}
-    fps = {"A": "fpA", "B": "fpB", "A2": "fpA"}  # A2: same weights as A under another name
-    stored = {("fpA", "c1"): {"h3"}}
-    work = planning.plan_work(needs, rep, stored, fps)
-    assert sorted(work) == ["A", "B"]
-    a = {(w.content_hash, w.config_hashes) for w in work["A"]}
-    assert a == {("h1", ("c1", "c2")), ("h2", ("c1",)), ("h5", ("c1",))}  # h3 stored; h1 decoded once for 2 configs
-    assert {w.content_hash for w in work["B"]} == {"h1", "h4"}
+def _listed(tmp_path, name: str, uris: list[str], size: int = 3) -> str:
+    """A listing file of ``uris`` (as stage 1 writes one), each ``size`` bytes at version v1."""
+    from cdi_ray.sources import ImageEntry, entries_table
+
+    path = str(tmp_path / "run" / "listings" / f"{name}.parquet")
+    storage.write_parquet(path, entries_table([ImageEntry(u, size, "v1") for u in uris]))
+    return path
+
+
+def test_plan_batch_dedups_across_audits_models_and_the_store(tmp_path):
+    """Planning alone (no Ray): every (fingerprint, config, image) once, minus what the store holds;
+    one decode per image for all its configs; models with the same weights share one stream."""
+    from cdi_ray.features.config import FeatureConfig
+    from cdi_ray.pipeline.describe import ModelInfo, ModelInfos
+    from cdi_ray.pipeline.hashing import HashedImages
+    from cdi_ray.pipeline.listing import Listings, SourceListing
+    from cdi_ray.pipeline.plan import Role, plan_batch, store_key
+    from cdi_ray.pipeline.rows import decode
+    from cdi_ray.sources import source_id
+
+    store = FeatureStore(str(tmp_path / "store"))
+    hashes = {f"/img/{h}.png": h for h in ("h1", "h2", "h3", "h4", "h5")}
+    hashes["/img/h1-copy.png"] = "h1"  # the same bytes under another name
+    store.add_hashes(pa.table({"uri": list(hashes), "size": [3] * len(hashes), "version": ["v1"] * len(hashes),
+                               "content_hash": list(hashes.values())}))
+    sources = {"p1": ["/img/h1.png", "/img/h2.png", "/img/h3.png"], "p2": ["/img/h1-copy.png", "/img/h4.png"],
+               "u": ["/img/h5.png", "/img/gone.png"]}
+    m = parse_manifest({"models": {"A": {"uri": "/m/a", "access": "gray-box"}, "B": {"uri": "/m/b", "access": "gray-box"},
+                                   "A2": {"uri": "/m/a-copy", "access": "gray-box"}},
+                        "audits": [{"id": "a1", "model": "A", "published": sources["p1"], "unpublished": sources["u"],
+                                    "features": ["dl"]},
+                                   {"id": "a2", "model": "A", "published": sources["p2"], "unpublished": sources["u"],
+                                    "features": ["pia"]},
+                                   {"id": "a3", "model": "B", "published": sources["p2"], "unpublished": sources["u"],
+                                    "features": ["dl"]},
+                                   {"id": "a4", "model": "A2", "published": sources["p1"], "unpublished": sources["u"],
+                                    "features": ["dl"], "controls": {"model_free": False}}],
+                        "output": str(tmp_path / "out")})
+    ids = {name: source_id(uris) for name, uris in sources.items()}
+    listings = Listings({ids[n]: SourceListing(ids[n], (_listed(tmp_path, n, uris),), len(uris)) for n, uris in sources.items()},
+                        {a.id: (source_id(a.published), source_id(a.unpublished)) for a in m.audits})
+    info = lambda fp: ModelInfo(fp, 16, 1, "pixel-ddpm")  # noqa: E731
+    models = ModelInfos({"A": info("fpA"), "B": info("fpB"), "A2": info("fpA")}, {})
+    dl, pia = (store_key(FeatureConfig(features=(f,)), m.models["A"]) for f in ("dl", "pia"))
+    store.write("fpA", dl, pa.table({"content_hash": ["h3"], "model_fingerprint": ["fpA"], "config_hash": [dl],
+                                     "status": ["ok"], "error": pa.array([None], pa.string()), "dl": [0.5]}))
+    run = str(tmp_path / "run")
+    plan = plan_batch(m, listings, models, HashedImages(7, 6, 0, 1, storage.join(run, "hashing", "results")),
+                      store_root=store.root, run_dir=run)
+
+    assert sorted(plan.streams) == ["A", "B"]  # A2 has A's weights: one stream
+    work = {name: {r.content_hash: r for r in decode(pq.read_table(s.work).to_pydict())} for name, s in plan.streams.items()}
+    # A: h3 stored for dl; h1 decoded once for both configs, at its smallest URI
+    assert {h: set(r.configs) for h, r in work["A"].items()} == {"h1": {dl, pia}, "h2": {dl}, "h4": {pia}, "h5": {dl, pia}}
+    assert work["A"]["h1"].uri == "/img/h1-copy.png"
+    assert set(work["B"]) == {"h1", "h4", "h5"} and plan.streams["B"].rows == 3
+    assert plan.to_compute == 6 + 3 and plan.needed == 4 + 3 + 3 + 4  # per (model name, config): A dl, A pia, B, A2
+    # the missing image is reported, not planned; model-free descriptors of each content are planned once
+    a1 = plan.audits["a1"]
+    assert a1.main.role is Role.AUDIT and a1.reference is None and plan.audits["a4"].descriptor_key is None
+    resolved = pq.read_table(a1.main.unpublished.images).to_pydict()
+    assert resolved["reason"] == [None, "unreadable"]
+    # descriptors: 5 contents; the first stream decoding one describes it, h3 (stored) is left to its own stream
+    assert [d.needed for d in plan.descriptors.values()] == [5] and plan.streams["A"].described == 4
+    assert plan.streams["B"].described == 0
+    assert json.loads(open(os.path.join(run, "plan.json")).read())["models"]["A"]["images"] == 4
 
 
 def test_hash_index_reuse_only_when_size_and_version_match():
-    from cdi_ray.storage import FileEntry
+    from cdi_ray.pipeline.hashing import with_index
 
-    index = {"/a.png": (3, "v1", "H1"), "/b.png": (3, "v1", "H2")}
-    known, todo = planning.split_cached([FileEntry("/a.png", 3, "v1"), FileEntry("/b.png", 3, "v2"),
-                                         FileEntry("/c.png", 3, "v1"), FileEntry("/gone.png", -1, "")], index)
-    assert known == {"/a.png": "H1"} and [e.uri for e in todo] == ["/b.png", "/c.png"]
+    index = pa.table({"uri": ["/a.png", "/b.png", "/e.png"], "size": [3, 3, 3], "version": ["v1", "v1", ""],
+                      "content_hash": ["H1", "H2", "H5"]})
+    listed = pa.table({"uri": ["/a.png", "/b.png", "/c.png", "/e.png"], "size": [3, 3, 3, 3],
+                       "version": ["v1", "v2", "v1", ""]})
+    got = with_index(listed, index).sort_by("uri")
+    assert dict(zip(got.column("uri").to_pylist(), got.column("indexed_hash").to_pylist())) == {
+        "/a.png": "H1", "/b.png": None, "/c.png": None, "/e.png": None}
 
 
 def test_gather_counts_each_hash_once():
@@ -300,15 +376,15 @@ def test_feature_actor_one_to_one_and_batch_invariant(tiny_pixel_dir, data):
     uris = [str(data / "u" / f"000{i}.png") for i in range(3)] + [str(data / "p1" / "bad.png")]
     hashes = [content_hash(open(u, "rb").read()) for u in uris]
     batch = decode_batch({"uri": np.array(uris, dtype=object), "content_hash": np.array(hashes, dtype=object),
-                          "cfgs": np.array([key] * 4, dtype=object)}, size=16, channels=1)
+                          "configs": np.array([key] * 4, dtype=object)}, size=16, channels=1)
     out = actor(batch)
-    assert out.column("content_hash").to_pylist() == hashes
+    assert out.column("key").to_pylist() == hashes
     assert out.column("status").to_pylist() == ["ok", "ok", "ok", "error"]
     # the same image alone gives the same features as inside a batch
     alone = actor({k: v[2:3] for k, v in batch.items()})
     assert alone.column("features").to_pylist()[0] == pytest.approx(out.column("features").to_pylist()[2], rel=1e-5)
     # a batch that asks for a config the actor does not hold is refused, not silently dropped
-    bad = dict(batch, cfgs=np.array(["nope"] * 4, dtype=object))
+    bad = dict(batch, configs=np.array(["nope"] * 4, dtype=object))
     with pytest.raises(RuntimeError, match="one-to-one"):
         actor(bad)
     assert set(SUMMARY_SCHEMA.names).isdisjoint({"image", "features"})  # only counters reach the driver

@@ -15,7 +15,10 @@ N_U_SETS = 5        # U sets, each shared by 20 audits per model
 SET = 6             # images per P and per U set
 
 
-def test_200_audits_two_models_shared_u(ray_session, tiny_pixel_dir, tmp_path):
+def test_200_audits_two_models_shared_u(ray_session, tiny_pixel_dir, tmp_path, monkeypatch):
+    from cdi_ray.pipeline import aggregate
+
+    monkeypatch.setattr(aggregate, "DRIVER_AGGREGATION_IMAGES", 0)  # a large batch's way: the aggregator actors
     other = make_tiny_pixel_ddpm(tmp_path / "model-b", image_size=16, channels=1, seed=7)
     pool = write_images(tmp_path / "pool", POOL, seed=21)
     for k in range(N_U_SETS):

@@ -84,9 +84,11 @@ def test_pack_index_read_round_trip_keeps_bytes_labels_and_captions(folder, tmp_
 def test_tar_members_nearby_are_fetched_with_one_ranged_read(folder, tmp_path, monkeypatch):
     out = pack(str(folder), str(tmp_path / "one"), fmt="webdataset", shard_size=100)
     members, _ = sources.index_tar(out["shards"][0], "v")
+    from cdi_ray.sources import reading
+
     calls = []
-    real = sources.read_range
-    monkeypatch.setattr(sources, "read_range", lambda *a: calls.append(a) or real(*a))
+    real = reading.read_range
+    monkeypatch.setattr(reading, "read_range", lambda *a: calls.append(a) or real(*a))
     data = sources.read_images([m.uri for m in members], [m.loc for m in members])
     assert len(calls) == 1 and all(isinstance(d, bytes) for d in data)
 
@@ -212,10 +214,10 @@ def test_labels_reach_the_adapter_through_the_feature_actor(tiny_pixel_class_dir
     keys = [image_key(h, "class", label=lab) for lab in labels]
     batch = decode_batch({"uri": np.array([path] * 2, dtype=object), "content_hash": np.array([h] * 2, dtype=object),
                           "key": np.array(keys, dtype=object), "label": np.array(labels),
-                          "captions": np.array(["[]"] * 2, dtype=object), "cfgs": np.array([key] * 2, dtype=object)},
+                          "captions": np.array(["[]"] * 2, dtype=object), "configs": np.array([key] * 2, dtype=object)},
                          size=16, channels=3)
     out = actor(batch)
-    assert out.column("content_hash").to_pylist() == keys and out.column("status").to_pylist() == ["ok", "ok"]
+    assert out.column("key").to_pylist() == keys and out.column("status").to_pylist() == ["ok", "ok"]
     feats = np.array(out.column("features").to_pylist())
     assert not np.allclose(feats[0], feats[1])  # the label changes the prediction
     model = load_model(tiny_pixel_class_dir)
@@ -226,25 +228,50 @@ def test_labels_reach_the_adapter_through_the_feature_actor(tiny_pixel_class_dir
         assert row == pytest.approx([float(values[c][0]) for c in direct.columns], rel=1e-5, abs=1e-7)
 
 
-def test_the_null_class_reaches_the_model_through_its_own_option(tiny_dit_dir):
-    """An image given the null class travels without a label and the actor loads the model with
-    missing_label="null" (DiT's null index is outside its [0, num_classes)); labelled rows keep theirs."""
+def test_the_null_class_reaches_the_model_through_its_own_option(tiny_dit_dir, tmp_path):
+    """An image given the null class travels without a label and the stream loads the model with
+    missing_label="null" (DiT's null index is outside its [0, num_classes)); labelled rows keep theirs,
+    and the stream reads shard members in shard order."""
     from cdi_ray.models import load_model
     from cdi_ray.models.base import ImageMeta
+    from cdi_ray.pipeline import rows
     from cdi_ray.pipeline.actors import image_metas
-    from cdi_ray.pipeline.plan import ImageWork
-    from cdi_ray.pipeline.run import stream_items
+    from cdi_ray.pipeline.describe import ModelInfo
+    from cdi_ray.pipeline.plan import plan_stream
+    from cdi_ray.spec import ModelSpec
 
-    work = [ImageWork("s#b", "hb", ("c",), key=image_key("hb", "class", label=10), loc="tar:900:5", label=10),
-            ImageWork("s#a", "ha", ("c",), key=image_key("ha", "class", label=3), loc="tar:10:5", label=3)]
-    items, options = stream_items(work, set(), 10, {"dtype_hint": 1})
-    assert options == {"dtype_hint": 1, "missing_label": "null"}
-    assert [(r["content_hash"], r["label"]) for r in items] == [("ha", 3), ("hb", -1)]  # shard order; null → no label
-    assert stream_items(work[1:], set(), 10, {})[1] == {}  # no null row: the model loads as configured
-    metas = image_metas({k: np.array([r[k] for r in items], dtype=object) for k in ("content_hash", "label", "captions")})
+    info = ModelInfo("fp", 16, 3, "dit", "class", 10, 10)
+    work = pa.table({"key": [image_key("hb", "class", label=10), image_key("ha", "class", label=3)],
+                     "content_hash": ["hb", "ha"], "uri": ["s#b", "s#a"], "loc": ["tar:900:5", "tar:10:5"],
+                     "label": pa.array([10, 3], pa.int64()), "captions": pa.array([[], []], pa.list_(pa.string())),
+                     "configs": pa.array([["c"], ["c"]], pa.list_(pa.string()))})
+
+    class Needs:
+        configs, columns = {"c": {}}, {"c": ["dl"]}
+
+    spec = ModelSpec(uri="/m", options={"dtype_hint": 1})
+    stream = plan_stream("m", spec, info, work, Needs, pa.array([], pa.string()), str(tmp_path))
+    assert stream.load_options == {"dtype_hint": 1, "missing_label": "null"}
+    decoded = rows.decode(pq.read_table(stream.work).to_pydict())
+    assert [(r.content_hash, r.label) for r in decoded] == [("ha", 3), ("hb", None)]  # shard order; null → no label
+    assert plan_stream("m", spec, info, work.slice(1), Needs, pa.array([], pa.string()), str(tmp_path)).load_options \
+        == {"dtype_hint": 1}  # no null row: the model loads as configured
+    metas = image_metas(decoded)
     assert metas == [ImageMeta("ha", 3), ImageMeta("hb")]
     model = load_model(tiny_dit_dir, missing_label="null")
     assert model.conditioning(metas).tolist() == [3, model.null_class] == [3, 10]
+
+
+def test_stream_rows_round_trip_through_their_wire_columns():
+    from cdi_ray.pipeline import rows
+
+    batch = [rows.ImageRow("s3://b/s.tar#k.png", "tar:512:10", "h1", "k1", ("c1", "c2"), 4, ("a cat", "a, \"dog\""), True),
+             rows.ImageRow("/x/y.png", "", "h2", "h2", ("c1",))]
+    table = rows.encode(batch)
+    assert table.schema == rows.SCHEMA
+    assert rows.decode(table.to_pydict()) == batch
+    numpy = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    assert rows.decode(numpy) == batch
 
 
 def test_pack_cli_refuses_bad_input_with_exit_2(folder, tmp_path, capsys):

@@ -18,9 +18,12 @@ BATCH = 256
 DEFAULT_CACHE = Path.home() / ".cache" / "cdi-ray" / "reference"
 
 
-def demo_features(model_name: str, indices: np.ndarray, *, seed: int = 0, preset: str = "white-box",
+def demo_features(model_name: str, indices: np.ndarray, *, seed: int = 0, preset: str | tuple[str, ...] = "white-box",
+                  overrides: dict | None = None,
                   cache: Path | None = DEFAULT_CACHE) -> tuple[np.ndarray, list[str], float]:
     """``(X, columns, seconds)``: features of bundle images ``indices`` on demo model ``model_name``.
+
+    ``preset`` and ``overrides`` are ``FeatureConfig``'s ``features`` and ``overrides``.
 
     Cached under ``cache`` by (model fingerprint, feature-config hash, indices); ``seconds`` is the
     extraction time of the run that computed them.
@@ -37,7 +40,7 @@ def demo_features(model_name: str, indices: np.ndarray, *, seed: int = 0, preset
 
     indices = np.asarray(indices, dtype=np.int64)
     model = load_model(demo_model_dir(model_name))
-    config = FeatureConfig(features=preset, seed=seed)
+    config = FeatureConfig(features=preset, overrides=overrides or {}, seed=seed)
     key = hashlib.sha256(f"{model.fingerprint}|{config.config_hash()}|{indices.tobytes().hex()}".encode()).hexdigest()[:16]
     file = cache / f"{model_name}-{key}.npz" if cache is not None else None
     if file is not None and file.exists():

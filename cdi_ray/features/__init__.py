@@ -4,10 +4,11 @@
     ext = FeatureExtractor(model, FeatureConfig(features="white-box", seed=0, device="cuda"))
     cols = ext(images, metas)          # {"dl": array(B,), …, "no_delta_norm": array(B,)}
 
-Modules: one per feature family (``dl``, ``secmi``, ``pia`` (PIA + PIAN), ``gm``, ``ml``,
-``no``), ``registry`` (names, presets), ``config`` (``FeatureConfig``), ``context`` (shared,
-memoised evaluations and pass counts), ``lbfgs`` (per-sample batched L-BFGS), ``extractor``,
-``extract`` (folder → Parquet).
+Modules: one per feature family (``dl``, ``secmi``, ``pia`` (PIA, PIAN, and PIAM — PIA at several
+timesteps and norm orders), ``gm``, ``ml``, ``no``, ``dlm`` (DL at several timesteps)),
+``registry`` (names; presets: the paper's ``white-box`` and ``gray-box``, and ``efficient``),
+``config`` (``FeatureConfig``), ``context`` (shared, memoised evaluations and pass counts),
+``lbfgs`` (per-sample batched L-BFGS), ``extractor``, ``extract`` (folder → Parquet).
 """
 from cdi_ray.features.config import FeatureConfig, passes_per_image
 from cdi_ray.features.extractor import FeatureExtractor

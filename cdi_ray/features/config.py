@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cdi_ray.features.base import Feature, Passes
-from cdi_ray.features.registry import FEATURES, PRESETS, get_feature_class, resolve_preset
+from cdi_ray.features.registry import FEATURES, PRESET_SETTINGS, PRESETS, get_feature_class, resolve_preset
 
 HASH_SCHEMA = 1  # bump when a feature's definition changes without a config change
 
@@ -129,8 +129,9 @@ class FeatureConfig(BaseModel):
         return resolve_preset(self.features) if isinstance(self.features, str) else self.features
 
     def feature_config(self, name: str):
-        """The full (defaults filled in) config of feature ``name``."""
-        return get_feature_class(name).Config.model_validate(self.overrides.get(name, {}))
+        """The full (defaults filled in) config of feature ``name``: the preset's settings, then the overrides."""
+        preset = PRESET_SETTINGS.get(self.features, {}) if isinstance(self.features, str) else {}
+        return get_feature_class(name).Config.model_validate({**preset.get(name, {}), **self.overrides.get(name, {})})
 
     def build_features(self) -> list[Feature]:
         return [get_feature_class(n)(self.feature_config(n)) for n in self.feature_names]

@@ -1,114 +1,77 @@
-"""The Ray Data stages of the feature stream, and the one thin actor adapter.
+"""The stages of the Ray Data streams (:mod:`cdi_ray.pipeline.streams` wires them), and the one thin
+actor adapter.
 
-Stream per model (``run.py`` wires it)::
+Feature stream per model::
 
-    rows {uri, loc, content_hash, key, label, captions, cfgs}
+    ImageRow batches (:mod:`cdi_ray.pipeline.rows`)
       ── map_batches(decode_batch)            CPU tasks: read bytes (shard members by locator),
                                               check hash, decode, preprocess
-                                              (+ model-free descriptors → the store, where needed)
+                                              (+ model-free descriptors → the store, where asked)
       ── map_batches(FeatureActor, compute=ActorPoolStrategy(min, max), num_gpus=…)
       ── map_batches(write_batch)             CPU tasks: one atomic part file per batch and config
-      ── summary rows {content_hash, cfg, status, error, actor}   (the driver only counts these)
+      ── summary rows {key, cfg, status, error, actor}   (the driver only counts these)
 
-:class:`FeatureStage` is Ray-free (NeMo Curator's stage shape: ``setup`` loads the model once,
-``process`` maps a column batch to feature rows) and is unit-testable alone;
-:class:`FeatureActor` adapts it to ``map_batches`` and checks that output rows map one-to-one
-onto (input row, config) pairs by content hash. Images are decoded and preprocessed in CPU
-tasks, not in the actor, so GPU actors only run the model. (Ray Data fuses a task stage into the
-next actor stage when their resources match: with ``num_gpus: 0`` the decode runs inside the CPU
-feature actors, which saves a copy; with GPUs the stages differ and decode stays in CPU tasks.)
+Descriptor stream: :func:`describe_batch` (decode, describe, publish to the store).
+
+:class:`FeatureStage` is Ray-free (``setup`` loads the model once, ``process`` maps a column batch
+to feature rows) and is unit-testable alone; :class:`FeatureActor` adapts it to ``map_batches``
+and checks that output rows map one-to-one onto (input row, config) pairs. Images are decoded
+and preprocessed in CPU tasks, not in the actor, so GPU actors only run the model. (Ray Data fuses
+a task stage into the next actor stage when their resources match: with ``num_gpus: 0`` the
+decode runs inside the CPU feature actors, which saves a copy; with GPUs it stays in CPU tasks.)
 
 Row statuses: ``ok``; ``error`` — a property of the bytes (undecodable, too small…), stored so
-re-runs do not retry it; ``transient`` — could not read or the object changed since planning,
-never stored (the next run retries it).
+re-runs do not retry it; ``transient`` — could not read, the object changed since planning, or
+the device ran out of memory: never stored (the next run retries it), recorded in the run's
+folder so that the audit can say why the image is missing.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
+from cdi_ray import storage
+from cdi_ray.pipeline import rows
 from cdi_ray.pipeline.model_cache import materialize_model
 
 log = logging.getLogger(__name__)
 
 STATUS_OK, STATUS_ERROR, STATUS_TRANSIENT = "ok", "error", "transient"
 
-#: Columns every decoded batch carries into the feature actor.
-DECODED_COLUMNS = ("content_hash", "cfgs", "image", "status", "error")
-#: Optional columns: the image's store key (default: its content hash), class index (-1: none) and
-#: captions (a JSON list) — what the model is conditioned on (:mod:`cdi_ray.conditioning`).
-CONDITIONING_COLUMNS = ("key", "label", "captions")
+#: Columns every decoded batch carries into the feature actor (besides the row's own columns).
+DECODED_COLUMNS = ("content_hash", "configs", "image", "status", "error")
 
 #: Output schema of the feature actor; features travel as one list column because batches of
-#: different configs have different widths (14 gray-box, 26 white-box columns).
+#: different configs have different widths (14 gray-box, 26 white-box columns). ``key`` is the
+#: image's store key.
 FEATURE_SCHEMA = pa.schema([
-    ("content_hash", pa.string()),
+    ("key", pa.string()),
     ("cfg", pa.string()),
     ("status", pa.string()),
     ("error", pa.string()),
     ("features", pa.list_(pa.float64())),
     ("actor", pa.string()),
 ])
-
-SUMMARY_SCHEMA = pa.schema([
-    ("content_hash", pa.string()),
-    ("cfg", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("actor", pa.string()),
-])
+#: What reaches the driver from a feature stream: counters only, never features or pixels.
+SUMMARY_SCHEMA = pa.schema([("key", pa.string()), ("cfg", pa.string()), ("status", pa.string()),
+                            ("error", pa.string()), ("actor", pa.string())])
+#: This run's images that could not be computed now (never stored; the next run retries them).
+TRANSIENT_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
 
 
-# ----------------------------------------------------------------------------------------------
-# model description (s3:// models are fetched once per node: model_cache.py)
-# ----------------------------------------------------------------------------------------------
-def describe_model(uri: str, store_root: str, load_options: dict | None = None) -> dict:
-    """Fingerprint, preprocessing geometry and conditioning of a model (``{fingerprint, image_size,
-    image_channels, family, conditioning_kind, num_classes, null_class, class_names}``).
-
-    The description is cached in the feature store by fingerprint (and load options, which can
-    set the null class), so the model is loaded at most once ever for this; the fingerprint
-    itself is a hash of the weights (seconds per GB).
-    """
-    from cdi_ray.models.fingerprint import model_fingerprint
-    from cdi_ray.pipeline.store import FeatureStore
-
-    path = materialize_model(uri)
-    fp = model_fingerprint(path)
-    store = FeatureStore(store_root)
-    cache_id = fp if not load_options else fp + "-" + hashlib.sha256(
-        json.dumps(load_options, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    info = store.model_info(cache_id)
-    if info is None or "conditioning_kind" not in info:
-        from cdi_ray.models.loader import load_model
-
-        model = load_model(path, device="cpu", **(load_options or {}))
-        info = {"image_size": int(model.image_size), "image_channels": int(model.image_channels), "family": model.family,
-                "conditioning_kind": model.conditioning_kind, "num_classes": model.num_classes,
-                "null_class": model.null_class,
-                "class_names": {str(k): str(v) for k, v in (getattr(model, "class_names", None) or {}).items()}}
-        try:
-            store.put_model_info(cache_id, info)
-        except OSError as exc:  # a read-only store still works, just slower next time
-            log.warning("cannot cache model info in %s: %s", store_root, exc)
-    return {"fingerprint": fp, **info}
+def _part(folder: str) -> str:
+    return storage.join(folder, f"part-{uuid.uuid4().hex}.parquet")
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 1: read, check, decode, preprocess (CPU tasks)
+# feature stream, stage 1: read, check, decode, preprocess (CPU tasks)
 # ----------------------------------------------------------------------------------------------
-#: Store "fingerprint" of the model-free descriptor partitions (``model=_descriptors/cfg=<key>``);
-#: a real fingerprint is a sha256 hex digest, so it cannot collide.
-DESCRIPTOR_PARTITION = "_descriptors"
-
-
 def _read_batch(batch: dict[str, np.ndarray]) -> list:
     """The bytes (or read exception) of every row; shard members by locator, several per read."""
     from cdi_ray.sources import read_images
@@ -139,7 +102,7 @@ def _store_descriptors(store_root: str, key: str, hashes: list[str], status: lis
                        values: list[dict | None]) -> None:
     """One atomic part file of descriptor rows (``ok`` and ``error``; never ``transient``)."""
     from cdi_ray.controls.descriptors import DESCRIPTOR_NAMES
-    from cdi_ray.pipeline.store import FeatureStore
+    from cdi_ray.pipeline.store import DESCRIPTOR_PARTITION, FeatureStore
 
     keep = [i for i, s in enumerate(status) if s != STATUS_TRANSIENT]
     if not keep:
@@ -167,13 +130,13 @@ def _descriptors_or_error(data, img, arr) -> tuple[dict | None, str]:
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int,
                  descriptors: dict | None = None) -> dict[str, np.ndarray]:
-    """``{uri, content_hash, cfgs[, loc, desc, key, label, captions]}`` →
-    ``{content_hash, cfgs, image (B,C,size,size) float32, status, error[, key, label, captions]}``.
+    """:class:`~cdi_ray.pipeline.rows.ImageRow` columns → the row's columns (but where its bytes are)
+    and ``image`` (B, C, size, size) float32, ``status``, ``error``.
 
     The bytes are re-hashed: an object rewritten since planning must not be stored under the
     old hash (status ``transient``; the next run sees the new hash).
 
-    ``descriptors`` (``{"store_root", "key"}``): for the rows whose ``desc`` column is set, the
+    ``descriptors`` (``{"store_root", "key"}``): for the rows whose ``describe`` column is set, the
     model-free descriptors (:mod:`cdi_ray.controls.descriptors`) are computed here, from the bytes,
     decoded image and preprocessed array this stage holds anyway, and published to the store's
     descriptor partition ``key`` (one atomic part file per batch).
@@ -182,7 +145,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int,
     images = np.zeros((n, channels, size, size), dtype=np.float32)
     status = np.full(n, STATUS_OK, dtype=object)
     errors = np.full(n, "", dtype=object)
-    want = [bool(d) for d in batch["desc"]] if descriptors and "desc" in batch else [False] * n
+    want = [bool(d) for d in batch["describe"]] if descriptors and "describe" in batch else [False] * n
     d_rows: list[int] = []
     d_values: list[dict | None] = []
     d_status: list[str] = []
@@ -204,15 +167,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, channels: int,
         except Exception as exc:  # noqa: BLE001 — never fail the feature stream for them: the
             # descriptor-only pass after the streams recomputes whatever is missing from the store
             log.warning("could not store model-free descriptors of %d images: %s", len(d_rows), exc)
-    out = {
-        "content_hash": np.asarray(batch["content_hash"], dtype=object),
-        "cfgs": np.asarray(batch["cfgs"], dtype=object),
-        "image": images,
-        "status": status,
-        "error": errors,
-    }
-    out.update({c: batch[c] for c in CONDITIONING_COLUMNS if c in batch})
-    return out
+    return {**rows.passthrough(batch), "image": images, "status": status, "error": errors}
 
 
 def describe_batch(batch: dict[str, np.ndarray], *, size: int, channels: int, store_root: str, key: str) -> dict[str, np.ndarray]:
@@ -235,8 +190,18 @@ def describe_batch(batch: dict[str, np.ndarray], *, size: int, channels: int, st
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 2: features (the model, once per actor)
+# feature stream, stage 2: features (the model, once per actor)
 # ----------------------------------------------------------------------------------------------
+class FeatureRow(NamedTuple):
+    """One (image, feature config) result: ``features`` when ``status`` is ok, else ``error``."""
+
+    key: str
+    config: str
+    status: str
+    error: str | None
+    features: list[float] | None
+
+
 @dataclass
 class FeatureStage:
     """Load one model once, then compute feature rows for batches under one or more configs.
@@ -283,30 +248,27 @@ class FeatureStage:
             for key, kwargs in self.configs.items()
         }
 
-    def process(self, batch: dict[str, np.ndarray]) -> list[tuple[str, str, str, str, list[float] | None]]:
-        """Rows ``(image key, config key, status, error, features)`` — one per (image, config).
+    def process(self, batch: dict[str, np.ndarray]) -> list[FeatureRow]:
+        """One :class:`FeatureRow` per (image, config the image asks for), keyed by the image's store key.
 
-        The image key is the content hash, or the ``key`` column for images conditioned on a
-        label / captions, which travel in ``label`` / ``captions`` into :class:`ImageMeta`.
+        The model is conditioned on each row's label / captions (:class:`~cdi_ray.models.base.ImageMeta`).
         """
-        hashes = [str(h) for h in batch["content_hash"]]
-        keys = [str(k) for k in batch["key"]] if "key" in batch else hashes
-        metas = image_metas(batch)
-        cfgs = [str(c).split(",") for c in batch["cfgs"]]
+        images = rows.decode(batch)
+        metas = image_metas(images)
         status = [str(s) for s in batch["status"]]
         errors = [str(e) for e in batch["error"]]
         out = []
         for key, extractor in self.extractors.items():
-            rows = [i for i in range(len(hashes)) if key in cfgs[i]]
-            good = [i for i in rows if status[i] == STATUS_OK]
+            mine = [i for i, r in enumerate(images) if key in r.configs]
+            good = [i for i in mine if status[i] == STATUS_OK]
             feats = self._features_split(extractor, batch["image"], metas, good) if good else {}
-            for i in rows:
+            for i in mine:
                 if isinstance(feats.get(i), list):
-                    out.append((keys[i], key, STATUS_OK, None, feats[i]))
+                    out.append(FeatureRow(images[i].key, key, STATUS_OK, None, feats[i]))
                 else:
                     # out of memory is the machine's limit, not the image's: not stored, retried next run
-                    out.append((keys[i], key, STATUS_TRANSIENT if i in feats else status[i],
-                                feats.get(i) or errors[i] or "failed", None))
+                    out.append(FeatureRow(images[i].key, key, STATUS_TRANSIENT if i in feats else status[i],
+                                          feats.get(i) or errors[i] or "failed", None))
         return out
 
     def _features_split(self, extractor, images: np.ndarray, metas: list, idx: list[int]) -> dict[int, list | str]:
@@ -335,16 +297,11 @@ class FeatureStage:
         return dict(zip(idx, matrix.tolist()))
 
 
-def image_metas(batch: dict[str, np.ndarray]) -> list:
-    """One :class:`ImageMeta` per row: content hash (the seed root) and the conditioning columns."""
+def image_metas(images: list[rows.ImageRow]) -> list:
+    """What the model is given per image: the content hash (the seed root) and its conditioning."""
     from cdi_ray.models.base import ImageMeta
 
-    n = len(batch["content_hash"])
-    labels = batch["label"] if "label" in batch else [-1] * n
-    captions = batch["captions"] if "captions" in batch else [""] * n
-    return [ImageMeta(content_hash=str(h), label=None if int(lab) < 0 else int(lab),
-                      captions=tuple(json.loads(str(c))) if str(c) else ())
-            for h, lab, c in zip(batch["content_hash"], labels, captions)]
+    return [ImageMeta(content_hash=r.content_hash, label=r.label, captions=r.captions) for r in images]
 
 
 class FeatureActor:
@@ -368,29 +325,25 @@ class FeatureActor:
         missing = [c for c in DECODED_COLUMNS if c not in batch]
         if missing:
             raise KeyError(f"FeatureActor needs columns {list(DECODED_COLUMNS)}; missing {missing}")
-        rows = self.stage.process(batch)
-        # One-to-one: every (input hash, requested config) exactly once, nothing else.
-        keys = batch["key"] if "key" in batch else batch["content_hash"]
-        expected = sorted((str(h), k) for h, cs in zip(keys, batch["cfgs"]) for k in str(cs).split(","))
-        got = sorted((r[0], r[1]) for r in rows)
-        if got != expected:
-            raise RuntimeError(f"feature rows do not map one-to-one onto inputs ({len(got)} rows for {len(expected)} expected)")
-        cols = list(zip(*rows)) if rows else [[]] * 5
-        return pa.table(
-            [pa.array(cols[0], pa.string()), pa.array(cols[1], pa.string()), pa.array(cols[2], pa.string()),
-             pa.array(cols[3], pa.string()), pa.array(cols[4], pa.list_(pa.float64())),
-             pa.array([self.actor_id] * len(rows), pa.string())],
-            schema=FEATURE_SCHEMA,
-        )
+        out = self.stage.process(batch)
+        # One-to-one: every (input image, requested config) exactly once, nothing else.
+        expected = sorted((r.key, c) for r in rows.decode(batch) for c in r.configs)
+        if sorted((r.key, r.config) for r in out) != expected:
+            raise RuntimeError(f"feature rows do not map one-to-one onto inputs ({len(out)} rows for {len(expected)} expected)")
+        cols = list(zip(*out)) if out else [[]] * 5
+        return pa.table([*(pa.array(c, t.type) for c, t in zip(cols, FEATURE_SCHEMA)),
+                         pa.array([self.actor_id] * len(out), pa.string())], schema=FEATURE_SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 3: publish to the store (CPU tasks)
+# feature stream, stage 3: publish to the store (CPU tasks)
 # ----------------------------------------------------------------------------------------------
-def write_batch(table: pa.Table, *, store_root: str, fingerprint: str, columns: dict[str, list[str]]) -> pa.Table:
+def write_batch(table: pa.Table, *, store_root: str, fingerprint: str, columns: dict[str, list[str]],
+                transient_dir: str | None = None) -> pa.Table:
     """Write the batch's ``ok`` and ``error`` rows as one part file per config; return the summary.
 
-    ``transient`` rows are not stored (the next run retries them).
+    ``transient`` rows are not stored (the next run retries them); their reasons go to
+    ``transient_dir`` (the run's folder), where aggregation finds why those images are missing.
     """
     from cdi_ray.pipeline.store import FeatureStore
 
@@ -406,7 +359,7 @@ def write_batch(table: pa.Table, *, store_root: str, fingerprint: str, columns: 
         feats = sub.column("features").to_pylist()
         matrix = np.array([f if f is not None else [np.nan] * len(names) for f in feats], dtype=np.float64).reshape(len(idx), len(names))
         arrays = {
-            "content_hash": sub.column("content_hash"),
+            "content_hash": sub.column("key"),
             "model_fingerprint": pa.array([fingerprint] * len(idx), pa.string()),
             "config_hash": pa.array([key] * len(idx), pa.string()),
             "status": sub.column("status"),
@@ -415,5 +368,9 @@ def write_batch(table: pa.Table, *, store_root: str, fingerprint: str, columns: 
         for j, name in enumerate(names):
             arrays[name] = pa.array(matrix[:, j], pa.float64())
         store.write(fingerprint, key, pa.table(arrays))
-    return table.select(["content_hash", "cfg", "status", "error", "actor"]).cast(SUMMARY_SCHEMA)
-
+    transient = [i for i, s in enumerate(status) if s == STATUS_TRANSIENT]
+    if transient and transient_dir:
+        sub = table.take(pa.array(transient, pa.int64()))
+        storage.write_parquet(_part(transient_dir), pa.table([sub.column("key"), sub.column("error")],
+                                                             schema=TRANSIENT_SCHEMA))
+    return table.select(list(SUMMARY_SCHEMA.names)).cast(SUMMARY_SCHEMA)

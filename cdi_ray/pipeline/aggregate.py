@@ -1,443 +1,202 @@
-"""Aggregation: per audit, gather P and U feature rows, run the calibrated test.
+"""Stage 6 — aggregate: every planned run on the aggregator actors, then the controls per audit.
 
-Audits are grouped by their store partition (model fingerprint, config) and a group goes to one
-aggregator actor, which reads that partition from the feature store *once* (only the rows the
-group needs) and then runs every audit in it. Reading from the store — not from the stream —
-is what makes "exactly once" hold: rows are keyed by content hash and de-duplicated on read,
-so a retried feature task that wrote its batch twice cannot count an image twice, and a P or U
-set that names the same bytes under two URIs contributes them once.
+Each audit's own run and its control runs (:class:`~cdi_ray.pipeline.plan.Role`) become
+:class:`~cdi_ray.pipeline.aggregator.AuditTask` s, grouped by store partition; the groups go to
+a pool of aggregator actors (:mod:`cdi_ray.pipeline.aggregator`: the test, the model-free control,
+the report payload), the largest first. Back here, a reference run's result becomes its audit's
+reference-model control (:func:`cdi_ray.controls.reference_control`); a run that could not be
+made (its model, its stream, its features) makes that control fire.
 
-Per audit:
+A small batch (:data:`DRIVER_AGGREGATION_IMAGES` images in all its runs) is aggregated in the
+driver instead, by the same :class:`~cdi_ray.pipeline.aggregator.AuditAggregator`: the driver has
+the statistics loaded already, and an actor's start-up and imports would cost more than the tests.
 
-1. P and U as sets of content hashes (first URI per hash kept; later ones are listed as
-   ``duplicate_content``); a hash in both P and U is dropped from both (``in_both_sets``) —
-   it is evidence for neither side;
-2. rows missing from the store, or stored as decode errors, are listed with their reason;
-3. ``cdi_ray.stats.run_test`` on the remaining (n_P, k) and (n_U, k) matrices;
-4. the distribution-shift controls the audit asks for (on by default): the model-free control
-   (:func:`cdi_ray.controls.model_free_control`) on the stored descriptors of the *same* images,
-   read from the store's descriptor partition of the model's preprocessing geometry;
-5. the report payload (:func:`report_payload`): what the per-audit HTML report plots and what a
-   third party needs to check which images were used — bounded in size whatever n_P and n_U.
-
-Any exception in an audit fails that audit alone. The verdict is decided later, on the driver,
-after the batch's FDR adjustment (it needs every audit's p-value).
+The default procedure's permutation cap is raised so that the batch's multiple-testing control
+can resolve its smallest threshold (:func:`batch_max_permutations`).
 """
 from __future__ import annotations
 
-import logging
-import traceback
-from dataclasses import dataclass, field, replace
-from typing import Any
+import math
+from dataclasses import dataclass
 
-import numpy as np
+from cdi_ray.pipeline import cluster
+from cdi_ray.pipeline.aggregator import AuditAggregator, AuditOutcome, AuditTask
+from cdi_ray.pipeline.compute import FeatureCounts
+from cdi_ray.pipeline.plan import AuditPlan, AuditRun, BatchPlan, Role
 
-from cdi_ray.pipeline.store import STATUS_OK, FeatureStore
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """One listed image of an audit: its URI, its content hash (None if it could not be read) and why
-    not, and its store key under the audit's model (default: the content hash; for conditional models
-    the key of (content, conditioning), :mod:`cdi_ray.conditioning`). Duplicates and P∩U are decided
-    by content; features are looked up by key."""
-
-    uri: str
-    content_hash: str | None
-    reason: str | None = None
-    key: str | None = None
-
-    @property
-    def store_key(self) -> str | None:
-        return self.key or self.content_hash
+#: Aggregator actors at most; each holds one store partition's needed rows at a time.
+MAX_AGGREGATORS = 4
+#: One more aggregator per this many audits (a test takes ~10 ms on small sets; an actor's
+#: start-up and imports take seconds).
+AUDITS_PER_AGGREGATOR = 64
+#: Batches whose runs hold at most this many images in all are aggregated in the driver (their
+#: feature matrices are a few MB at most: 10,000 × 26 floats).
+DRIVER_AGGREGATION_IMAGES = 10_000
+#: Upper bound of the permutation cap raised for a batch's FDR control (see batch_max_permutations):
+#: 200,000 resolves BH at q = 0.05 over 5,000 audits; a permutation of a 20k+20k audit costs ~1 ms,
+#: and only audits with overwhelming evidence run to the cap (the others stop after h exceedances).
+MAX_BATCH_PERMUTATIONS = 200_000
+#: The default procedure's own cap (cdi_ray.stats, ridge scorer).
+DEFAULT_MAX_PERMUTATIONS = 9_999
 
 
 @dataclass(frozen=True)
-class AuditJob:
-    """What an aggregator needs to run one audit."""
+class AuditOutcomes:
+    """Stage 6's record: one outcome per audit (controls attached), and the permutation cap used."""
 
-    audit_id: str
-    published: tuple[ImageRef, ...]
-    unpublished: tuple[ImageRef, ...]
-    procedure: str
-    alpha: float
-    seed: int
-    options: dict = field(default_factory=dict)
-    #: ``{"model_free": {"alpha": 0.05}}`` — controls to run (empty: none).
-    controls: dict = field(default_factory=dict)
-    #: store key of the descriptor partition (the model's preprocessing geometry).
-    descriptor_key: str | None = None
-    #: ``(reference fingerprint, its config key)``: test on target minus reference features.
-    calibration: tuple[str, str] | None = None
-    #: ``(target store key, reference store key)`` of images whose keys differ between the two models.
-    calibration_keys: tuple[tuple[str, str], ...] = ()
+    outcomes: dict[str, AuditOutcome]
+    max_permutations: int | None
+
+
+def batch_max_permutations(m: int, q: float, method: str) -> int | None:
+    """The permutation cap an audit needs so that the batch's multiple-testing control can reject it.
+
+    With m tested audits, Benjamini–Hochberg (and Bonferroni) compare the smallest p-value with
+    q/m; Benjamini–Yekutieli with q/(m·Σ_{i≤m} 1/i). A Monte Carlo permutation p-value cannot go
+    below 1/(B+1), so B must reach the reciprocal of that threshold; twice that leaves room for a
+    few exceedances. Never below the procedure's default (9,999), never above
+    :data:`MAX_BATCH_PERMUTATIONS`; ``None`` for ``method="none"`` (per-audit α: default cap).
+    """
+    if method == "none" or m <= 0:
+        return None
+    threshold = q / m
+    if method == "by":
+        threshold /= sum(1.0 / i for i in range(1, m + 1))
+    need = 2 * math.ceil(1.0 / threshold)
+    return int(min(MAX_BATCH_PERMUTATIONS, max(DEFAULT_MAX_PERMUTATIONS, need)))
+
+
+def test_options(test, cap: int | None) -> dict:
+    """An audit's procedure options, with the batch's permutation cap filled in where the audit
+    left ``max_permutations`` unset, for procedures whose permutations are closed-form (the
+    default's directional and ridge scorers; the logistic scorer refits per permutation, so its cap
+    stays the user's choice)."""
+    from cdi_ray.stats import closed_form_permutations
+
+    options = dict(test.options)
+    if cap is not None and "max_permutations" not in options and closed_form_permutations(test.procedure, options):
+        options["max_permutations"] = cap
+    return options
+
+
+test_options.__test__ = False  # not a pytest test
+
+
+def _runs(plan: BatchPlan) -> list[AuditRun]:
+    return [r for a in plan.audits.values() for r in (a.main, a.reference) if r is not None]
+
+
+def in_driver(plan: BatchPlan) -> bool:
+    """Whether the batch is small enough to aggregate in the driver."""
+    return sum(r.images for r in _runs(plan)) <= DRIVER_AGGREGATION_IMAGES
+
+
+def start_aggregators(plan: BatchPlan, max_aggregators: int = MAX_AGGREGATORS) -> None:
+    """Start the aggregator actors now and let them import the statistics stack, so that their
+    start-up overlaps the feature computation instead of following it (not for a batch
+    aggregated in the driver)."""
+    runs = [a.main for a in plan.audits.values() if a.main is not None]
+    if runs and not in_driver(plan):
+        groups = len({(r.fingerprint, r.feature_key) for r in runs})
+        for actor in cluster.aggregator_pool(min(max_aggregators, groups, -(-len(runs) // AUDITS_PER_AGGREGATOR))):
+            actor.warm_up.remote()
+
+
+def _task(audit, plan: AuditPlan, run: AuditRun, manifest, options: dict) -> AuditTask:
+    """The aggregator's task for one run of ``audit``."""
+    from cdi_ray.controls.model_free import control_seed
+    from cdi_ray.controls.reference import REFERENCE_MODEL
+
+    if run.role is Role.REFERENCE:  # the same test on the reference model's features, its own seed, no controls
+        return AuditTask(audit.id, run.role, run.published, run.unpublished, audit.test.procedure, audit.test.alpha,
+                         control_seed(audit.seed, REFERENCE_MODEL), dict(audit.test.options))
+    ctl = manifest.controls_of(audit)
+    calibrated = audit.calibration == "reference"
+    return AuditTask(audit.id, run.role, run.published, run.unpublished, audit.test.procedure, audit.test.alpha,
+                     audit.seed, options, controls={"model_free": {"alpha": ctl.alpha}} if ctl.model_free else {},
+                     descriptor_key=plan.descriptor_key,
+                     calibration=(plan.reference.fingerprint, plan.reference.feature_key) if calibrated else None,
+                     calibration_sets=(plan.reference.published, plan.reference.unpublished) if calibrated else None)
 
 
 @dataclass(frozen=True)
-class PlannedTest:
-    """One test the aggregate stage ran: the store partition it read and its job. Kept in memory
-    on :class:`cdi_ray.pipeline.results.BatchResult` for callers that keep evidence and re-run
-    tests later (the requests job, ``cdi-ray verify``); never written by the pipeline."""
+class AuditTasks:
+    """Every run the aggregate stage will make, grouped by store partition (model fingerprint, config key).
 
-    fingerprint: str
-    feature_key: str
-    columns: tuple[str, ...]
-    job: AuditJob
+    Built on the driver from the plan (per audit, never per image); callers that keep evidence of
+    each test (the requests job) read the same groups that the aggregators ran."""
 
-
-@dataclass
-class AuditOutcome:
-    """The aggregator's answer for one audit (the verdict is added after FDR)."""
-
-    audit_id: str
-    status: str  # "done" | "failed"
-    result: Any = None  # cdi_ray.stats.TestResult
-    n_published: int = 0
-    n_unpublished: int = 0
-    error: str | None = None
-    unusable: list[dict] = field(default_factory=list)
-    controls: list = field(default_factory=list)  # cdi_ray.controls.ControlResult
-    #: :func:`report_payload` (JSON-safe; None for a failed audit).
-    report: dict | None = None
+    groups: dict[tuple[str, str], list[AuditTask]]
+    columns: dict[tuple[str, str], list[str]]
+    failed: dict[str, str]  # audit id → why it cannot be tested at all
+    max_permutations: int | None
 
 
-#: Bins of the score histograms in the report (same edges for P and U).
-REPORT_BINS = 30
-#: Largest number of points of the p-value-vs-n curve.
-CURVE_POINTS = 12
-#: Smallest n per side of the curve (below it the procedures cannot split into folds).
-CURVE_MIN_N = 10
-#: Permutation cap of the curve's tests: the curve shows a trend, its p-values floor at 1e-3
-#: (the audit's own p-value is the one that counts); ~1 ms a permutation on a 20k+20k audit.
-CURVE_MAX_PERMUTATIONS = 999
-#: Per-feature rows listed in the report (features ordered by |weight|).
-REPORT_FEATURES = 64
-
-
-def collection_fingerprint(hashes) -> str:
-    """sha256 over the sorted content hashes of a collection, one per line: equal for the same set
-    of image contents whatever their URIs, order or duplicates."""
-    import hashlib
-
-    return hashlib.sha256("\n".join(sorted(set(hashes))).encode()).hexdigest()
-
-
-def _hist(sp: np.ndarray, su: np.ndarray, bins: int = REPORT_BINS) -> dict:
-    both = np.r_[sp, su]
-    both = both[np.isfinite(both)]
-    if both.size == 0:
-        return {"edges": [], "published": [], "unpublished": []}
-    lo, hi = float(both.min()), float(both.max())
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
-    return {"edges": edges, "published": np.histogram(sp[np.isfinite(sp)], edges)[0],
-            "unpublished": np.histogram(su[np.isfinite(su)], edges)[0]}
-
-
-def _summary(x: np.ndarray) -> dict:
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return {"n": 0}
-    q = np.quantile(x, [0.05, 0.25, 0.5, 0.75, 0.95])
-    return {"n": int(x.size), "mean": float(x.mean()), "sd": float(x.std(ddof=1)) if x.size > 1 else 0.0,
-            "q05": q[0], "q25": q[1], "median": q[2], "q75": q[3], "q95": q[4]}
-
-
-def _feature_table(P: np.ndarray, U: np.ndarray, columns: list[str], ridge: float = 1.0) -> list[dict]:
-    """Per feature: single-feature AUC (P above U), standardized mean difference, and the weight of a
-    ridge discriminant fit on all images (standardized features; the direction the cross-fitted
-    scorer learns, without the cross-fitting). Descriptive only — not a test."""
-    from scipy import stats as st
-
-    X = np.vstack([P, U])
-    mu, sd = X.mean(0), X.std(0)
-    sd = np.where(sd > 0, sd, 1.0)
-    Z = (X - mu) / sd
-    zp, zu = Z[: len(P)], Z[len(P):]
-    d = zp.mean(0) - zu.mean(0)
-    C = np.cov(Z, rowvar=False).reshape(Z.shape[1], Z.shape[1]) if len(Z) > 1 else np.eye(Z.shape[1])
-    w = np.linalg.solve(C + ridge * np.eye(len(C)) / max(len(Z), 1) + 1e-9 * np.eye(len(C)), d)
-    norm = np.abs(w).sum()
-    rows = []
-    for j, name in enumerate(columns):
-        r = st.rankdata(np.r_[P[:, j], U[:, j]])
-        auc = (r[: len(P)].sum() - len(P) * (len(P) + 1) / 2) / (len(P) * len(U))
-        rows.append({"feature": name, "auc": float(auc), "mean_difference": float(d[j]), "weight": float(w[j]),
-                     "share": float(abs(w[j]) / norm) if norm > 0 else 0.0})
-    rows.sort(key=lambda r: -abs(r["weight"]))
-    return rows[:REPORT_FEATURES]
-
-
-def pvalue_curve(P: np.ndarray, U: np.ndarray, *, procedure: str, alpha: float, seed: int, options: dict,
-                 points: int = CURVE_POINTS) -> dict:
-    """p-value of the audit's own procedure on nested random subsets of P and U (the same share of
-    each), from ``CURVE_MIN_N`` per side up to all of them; the permutation cap is lowered to
-    :data:`CURVE_MAX_PERMUTATIONS`. Skipped for the refit-per-permutation logistic scorer (too slow)."""
-    from cdi_ray.stats import run_test
-
-    opts = dict(options)
-    if procedure == "crossfit-permutation":
-        if opts.get("scorer", "ridge") != "ridge":
-            return {"points": [], "skipped": "the logistic scorer refits per permutation; the curve would cost "
-                                             "as much as the audit many times over"}
-        opts["max_permutations"] = min(int(opts.get("max_permutations") or CURVE_MAX_PERMUTATIONS), CURVE_MAX_PERMUTATIONS)
-        opts["max_permutations_reverse"] = min(int(opts.get("max_permutations_reverse") or 99), 99)
-    n_min = min(len(P), len(U))
-    if n_min < CURVE_MIN_N:
-        return {"points": [], "skipped": f"fewer than {CURVE_MIN_N} usable images on one side"}
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EB0]))
-    op, ou = rng.permutation(len(P)), rng.permutation(len(U))  # nested: each subset is a prefix
-    fracs = np.unique(np.geomspace(CURVE_MIN_N / n_min, 1.0, points))
-    out = []
-    for f in fracs:
-        n_p, n_u = max(CURVE_MIN_N, int(round(f * len(P)))), max(CURVE_MIN_N, int(round(f * len(U))))
-        if out and (n_p, n_u) == (out[-1]["n_published"], out[-1]["n_unpublished"]):
+def audit_tasks(plan: BatchPlan, manifest, features: FeatureCounts) -> AuditTasks:
+    """Each audit's own run and its reference run as aggregator tasks, with the batch's permutation cap."""
+    failed: dict[str, str] = {}
+    for a in manifest.audits:
+        ap = plan.audits[a.id]
+        failed_stream = ap.main and features.failed_fingerprints.get(ap.main.fingerprint)
+        if ap.error or failed_stream:
+            failed[a.id] = ap.error or failed_stream
+    cap = batch_max_permutations(len(manifest.audits) - len(failed), manifest.fdr.q, manifest.fdr.method)
+    groups: dict[tuple[str, str], list[AuditTask]] = {}
+    columns: dict[tuple[str, str], list[str]] = {}
+    for a in manifest.audits:
+        ap = plan.audits[a.id]
+        if a.id in failed:
             continue
-        try:
-            r = run_test(P[op[:n_p]], U[ou[:n_u]], procedure=procedure, alpha=alpha, seed=seed, **opts)
-            out.append({"n_published": n_p, "n_unpublished": n_u, "pvalue": r.pvalue})
-        except Exception as exc:  # noqa: BLE001 — a size the procedure cannot handle: left out
-            out.append({"n_published": n_p, "n_unpublished": n_u, "pvalue": None,
-                        "error": f"{type(exc).__name__}: {exc}"})
-    return {"points": out, "max_permutations": opts.get("max_permutations")}
+        runs = [ap.main] + ([ap.reference] if ap.reference and ap.reference.fingerprint not in features.failed_fingerprints else [])
+        for run in runs:
+            group = (run.fingerprint, run.feature_key)
+            groups.setdefault(group, []).append(_task(a, ap, run, manifest, test_options(a.test, cap)))
+            columns[group] = list(run.columns)
+    return AuditTasks(groups, columns, failed, cap)
 
 
-def report_payload(P: np.ndarray, U: np.ndarray, hp: list[str], hu: list[str], columns: list[str], result,
-                   *, procedure: str, alpha: float, seed: int, options: dict) -> dict:
-    """Step 5: what the per-audit report shows, bounded in size (histograms, not all scores).
+def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: str, *,
+              max_aggregators: int = MAX_AGGREGATORS) -> AuditOutcomes:
+    """Run every audit's runs (see the module docstring)."""
+    import ray
 
-    Args:
-        P (`ndarray` of shape (n_P, k)), U (`ndarray` of shape (n_U, k)): the matrices tested.
-        hp, hu (`list[str]`): their content hashes (for the collection fingerprints).
-        columns (`list[str]`): the k feature names.
-        result (`TestResult`): the audit's test, with its held-out scores.
-    """
-    from cdi_ray.stats.results import json_safe
+    from cdi_ray.controls.reference import reference_control
 
-    sp = np.asarray(result.scores_published, dtype=np.float64)
-    su = np.asarray(result.scores_unpublished, dtype=np.float64)
-    return json_safe({
-        "collections": {
-            "published": {"n": len(hp), "fingerprint": collection_fingerprint(hp)},
-            "unpublished": {"n": len(hu), "fingerprint": collection_fingerprint(hu)},
-        },
-        "scores": {"histogram": _hist(sp, su), "published": _summary(sp), "unpublished": _summary(su),
-                   "held_out": True},
-        "features": _feature_table(P, U, list(columns)) if P.shape[1] else [],
-        "pvalue_curve": pvalue_curve(P, U, procedure=procedure, alpha=alpha, seed=seed, options=options),
-        "test": result.to_dict(),
-    })
-
-
-def _select(refs: tuple[ImageRef, ...], which: str, unusable: list[dict]) -> dict[str, ImageRef]:
-    """``content hash → first ImageRef`` for readable images; the rest go to ``unusable``."""
-    out: dict[str, ImageRef] = {}
-    for r in refs:
-        if r.content_hash is None:
-            unusable.append({"set": which, "uri": r.uri, "content_hash": None, "reason": r.reason or "unreadable"})
-        elif r.content_hash in out:
-            unusable.append({"set": which, "uri": r.uri, "content_hash": r.content_hash,
-                             "reason": f"duplicate_content: same bytes as {out[r.content_hash].uri}"})
-        else:
-            out[r.content_hash] = r
-    return out
-
-
-def select_rows(job: AuditJob, rows: dict[str, int], status: list[str], errors: list[str | None]):
-    """Steps 1–2: ``(P hashes, U hashes, unusable)`` — the usable images of each side, in listing order."""
-    unusable: list[dict] = []
-    P = _select(job.published, "published", unusable)
-    U = _select(job.unpublished, "unpublished", unusable)
-    both = sorted(set(P) & set(U))
-    for h in both:
-        for which, side in (("published", P), ("unpublished", U)):
-            unusable.append({"set": which, "uri": side.pop(h).uri, "content_hash": h,
-                             "reason": "in_both_sets: the same image is listed as published and unpublished"})
-    picked = {}
-    for which, side in (("published", P), ("unpublished", U)):
-        keep = []
-        for h, ref in side.items():
-            i = rows.get(h)
-            if i is None:
-                reason = ref.reason or "features_missing: not in the feature store"
-                unusable.append({"set": which, "uri": ref.uri, "content_hash": h, "reason": reason})
-            elif status[i] != STATUS_OK:
-                unusable.append({"set": which, "uri": ref.uri, "content_hash": h, "reason": errors[i] or "failed"})
-            else:
-                keep.append(h)
-        picked[which] = keep
-    unusable.sort(key=lambda d: (d["set"], d["uri"]))
-    return picked["published"], picked["unpublished"], unusable
-
-
-def rows_by_content(job: AuditJob, rows: dict[str, int]) -> dict[str, int]:
-    """``content hash → store row`` of one audit (store rows are by key; the first listing of a
-    content wins, as in :func:`select_rows`)."""
-    out: dict[str, int] = {}
-    for r in (*job.published, *job.unpublished):
-        if r.content_hash and r.content_hash not in out and r.store_key in rows:
-            out[r.content_hash] = rows[r.store_key]
-    return out
-
-
-def _matrix(hashes: list[str], rows: dict[str, int], matrix: np.ndarray) -> np.ndarray:
-    return matrix[np.asarray([rows[h] for h in hashes], dtype=np.int64)] if hashes else matrix[:0]
-
-
-def gather(job: AuditJob, rows: dict[str, int], status: list[str], errors: list[str | None], matrix: np.ndarray):
-    """Steps 1–2: the P and U feature matrices of one audit, and its unusable images."""
-    rows = rows_by_content(job, rows)
-    hp, hu, unusable = select_rows(job, rows, status, errors)
-    return _matrix(hp, rows, matrix), _matrix(hu, rows, matrix), unusable
-
-
-def _table_rows(table, columns: list[str]):
-    """``(hash → row, status, errors, matrix)`` of a store table (None → empty)."""
-    if table is None:
-        return {}, [], [], np.zeros((0, len(columns)))
-    hashes = table.column("content_hash").to_pylist()
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise ValueError(f"stored rows lack columns {missing}")
-    matrix = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in columns]).astype(np.float64)
-    return ({h: i for i, h in enumerate(hashes)}, table.column("status").to_pylist(),
-            table.column("error").to_pylist(), matrix)
-
-
-def calibrated_rows(target, reference, key_map: dict[str, str] | None = None, only: set[str] | None = None):
-    """Reference-calibrated rows: target minus reference features of the same image.
-
-    Both tables and the result are :func:`_table_rows` tuples keyed by store key. ``key_map``
-    maps a target key to the reference's key of the same image where they differ (conditional
-    models whose label or caption keys differ between the two); ``only`` limits the result to
-    those target keys. An image is usable only if both models' rows are ok; otherwise the reason
-    names which side failed.
-    """
-    rows_t, status_t, errors_t, m_t = target
-    rows_r, status_r, errors_r, m_r = reference
-    key_map = key_map or {}
-    keys = list(rows_t) if only is None else sorted(k for k in only if k in rows_t)  # the job's, not the group's
-    status, errors = [], []
-    matrix = np.zeros((len(keys), m_t.shape[1]))
-    for i, k in enumerate(keys):
-        it, ir = rows_t[k], rows_r.get(key_map.get(k, k))
-        if status_t[it] != STATUS_OK:
-            status.append(status_t[it]), errors.append(errors_t[it])
-        elif ir is None:
-            status.append("error"), errors.append("reference_features_missing: not in the feature store for the reference model")
-        elif status_r[ir] != STATUS_OK:
-            status.append(status_r[ir]), errors.append(f"reference model: {errors_r[ir] or 'failed'}")
-        else:
-            status.append(STATUS_OK), errors.append(None)
-            matrix[i] = m_t[it] - m_r[ir]
-    return {k: i for i, k in enumerate(keys)}, status, errors, matrix
-
-
-def run_controls(job: AuditJob, hp: list[str], hu: list[str], descriptors) -> list:
-    """Step 4: the audit's controls on the images the main test used (``descriptors`` from :func:`_table_rows`)."""
-    from cdi_ray.controls.model_free import MODEL_FREE, ControlResult, control_seed, model_free_control
-
-    out = []
-    cfg = job.controls.get("model_free")
-    if cfg is not None:
-        alpha = float(cfg.get("alpha", 0.05))
-        if descriptors is None:
-            out.append(ControlResult(MODEL_FREE, True, None, alpha, "the model-free control could not be run (the "
-                                     "image descriptors could not be read), so a distribution shift between the "
-                                     "published and unpublished images cannot be ruled out"))
-        else:
-            rows, status, _, matrix = descriptors
-            ok = lambda h: h in rows and status[rows[h]] == STATUS_OK  # noqa: E731
-            dp, du = [h for h in hp if ok(h)], [h for h in hu if ok(h)]
-            res = model_free_control(_matrix(dp, rows, matrix), _matrix(du, rows, matrix), alpha=alpha,
-                                     seed=control_seed(job.seed, MODEL_FREE))
-            lost = (len(hp) - len(dp)) + (len(hu) - len(du))
-            if lost:
-                res = replace(res, reason=res.reason + f" ({lost} image(s) without descriptors were left out of "
-                                                       f"the control)")
-            out.append(res)
-    return out
-
-
-class AuditAggregator:
-    """Runs groups of audits that share a store partition (wrapped as a Ray actor by ``run.py``)."""
-
-    def warm_up(self) -> None:
-        """Import the statistics stack (SciPy, scikit-learn: seconds) before the first group arrives;
-        ``run.py`` calls it while the features are computed."""
-        import cdi_ray.stats  # noqa: F401
-
-    def run_group(self, store_root: str, fingerprint: str, key: str, columns: list[str], jobs: list[AuditJob]) -> list[AuditOutcome]:
-        """Read the partition's rows the group needs once (and its descriptors), then run each audit on them."""
-        from cdi_ray.controls.descriptors import DESCRIPTOR_NAMES
-        from cdi_ray.pipeline.actors import DESCRIPTOR_PARTITION
-
-        needed = {r.store_key for j in jobs for r in (*j.published, *j.unpublished) if r.content_hash}
-        store = FeatureStore(store_root)
-        try:
-            features = _table_rows(store.read(fingerprint, key, needed), columns)
-        except Exception as exc:  # noqa: BLE001 — the whole group fails, with its reason
-            msg = f"cannot read features from the store: {type(exc).__name__}: {exc}"
-            return [AuditOutcome(j.audit_id, "failed", error=msg) for j in jobs]
-        descriptors: dict[str, Any] = {}
-        for dk in sorted({j.descriptor_key for j in jobs if j.controls and j.descriptor_key}):
-            want = {r.content_hash for j in jobs if j.descriptor_key == dk
-                    for r in (*j.published, *j.unpublished) if r.content_hash}
+    tasks = audit_tasks(plan, manifest, features)
+    groups, columns, failed, cap = tasks.groups, tasks.columns, tasks.failed, tasks.max_permutations
+    outcomes: dict[tuple[str, Role], AuditOutcome] = {}
+    if groups and in_driver(plan):
+        for (fp, key), tasks in groups.items():
+            for o in AuditAggregator().run_tasks(store_root, fp, key, columns[(fp, key)], tasks, plan.transient_dir):
+                outcomes[(o.audit_id, o.role)] = o
+    elif groups:
+        n_tasks = sum(len(t) for t in groups.values())
+        actors = cluster.aggregator_pool(min(max_aggregators, len(groups), -(-n_tasks // AUDITS_PER_AGGREGATOR)))
+        order = sorted(groups, key=lambda g: -len(groups[g]))
+        pending = {actors[i % len(actors)].run_tasks.remote(store_root, fp, key, columns[(fp, key)], groups[(fp, key)],
+                                                            plan.transient_dir): (fp, key)
+                   for i, (fp, key) in enumerate(order)}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            group = pending.pop(ready[0])
             try:
-                descriptors[dk] = _table_rows(store.read(DESCRIPTOR_PARTITION, dk, want), list(DESCRIPTOR_NAMES))
-            except Exception as exc:  # noqa: BLE001 — the controls of these audits then count as fired
-                log.warning("cannot read descriptors %s: %s", dk, exc)
-                descriptors[dk] = None
-        references: dict[tuple[str, str], Any] = {}
-        for cal in sorted({j.calibration for j in jobs if j.calibration}):
-            want = {dict(j.calibration_keys).get(r.store_key, r.store_key) for j in jobs if j.calibration == cal
-                    for r in (*j.published, *j.unpublished) if r.content_hash}
-            try:
-                references[cal] = _table_rows(store.read(*cal, want), columns)
-            except Exception as exc:  # noqa: BLE001 — these audits fail, the others go on
-                references[cal] = f"cannot read the reference model's features: {type(exc).__name__}: {exc}"
-        outcomes = []
-        for j in jobs:
-            rows = features
-            if j.calibration:
-                ref = references[j.calibration]
-                if isinstance(ref, str):
-                    outcomes.append(AuditOutcome(j.audit_id, "failed", error=ref))
-                    continue
-                mine = {r.store_key for r in (*j.published, *j.unpublished) if r.content_hash}
-                rows = calibrated_rows(features, ref, dict(j.calibration_keys), only=mine)
-            outcomes.append(self._run_one(j, *rows, descriptors.get(j.descriptor_key), columns=columns))
-        return outcomes
-
-    def _run_one(self, job: AuditJob, rows, status, errors, matrix, descriptors=None, *,
-                 columns: list[str] | None = None) -> AuditOutcome:
-        from cdi_ray.stats import run_test
-
-        try:
-            rows = rows_by_content(job, rows)
-            hp, hu, unusable = select_rows(job, rows, status, errors)
-            P, U = _matrix(hp, rows, matrix), _matrix(hu, rows, matrix)
-        except Exception as exc:  # noqa: BLE001
-            return AuditOutcome(job.audit_id, "failed", error=f"{type(exc).__name__}: {exc}")
-        out = AuditOutcome(job.audit_id, "failed", n_published=len(P), n_unpublished=len(U), unusable=unusable)
-        try:
-            out.result = run_test(P, U, procedure=job.procedure, alpha=job.alpha, seed=job.seed, **job.options)
-            out.controls = run_controls(job, hp, hu, descriptors)
-            out.status = "done"
-        except Exception as exc:  # noqa: BLE001 — one audit's failure never stops the others
-            out.error = f"{type(exc).__name__}: {exc}"
-            log.debug("audit %s failed:\n%s", job.audit_id, traceback.format_exc())
-            return out
-        if "@" in job.audit_id:  # a control's shadow audit (not a valid audit id): no report of its own
-            return out
-        try:
-            cols = list(columns) if columns is not None else [f"f{j}" for j in range(P.shape[1])]
-            out.report = report_payload(P, U, hp, hu, cols, out.result, procedure=job.procedure, alpha=job.alpha,
-                                        seed=job.seed, options=dict(job.options))
-        except Exception as exc:  # noqa: BLE001 — a report that cannot be made never changes the verdict
-            log.warning("audit %s: report payload failed: %s", job.audit_id, exc)
-            out.report = {"error": f"{type(exc).__name__}: {exc}"}
-        return out
+                for o in ray.get(ready[0]):
+                    outcomes[(o.audit_id, o.role)] = o
+            except Exception as exc:  # noqa: BLE001 — the group's audits fail, the others go on
+                cluster.drop_aggregator_pool()  # do not reuse a pool that lost an actor
+                for t in groups[group]:
+                    outcomes[(t.audit_id, t.role)] = AuditOutcome(t.audit_id, "failed", role=t.role,
+                                                                  error=f"aggregator failed: {cluster.one_line(exc)}")
+    out: dict[str, AuditOutcome] = {}
+    for a in manifest.audits:
+        o = outcomes.get((a.id, Role.AUDIT)) or AuditOutcome(a.id, "failed", error=failed.get(a.id, "not run"))
+        ap, ref = plan.audits[a.id], manifest.controls_of(a).reference_model
+        if ref and o.status == "done":
+            shadow = outcomes.get((a.id, Role.REFERENCE))
+            ok = shadow is not None and shadow.status == "done"
+            error = (ap.reference_error or (ap.reference and features.failed_fingerprints.get(ap.reference.fingerprint))
+                     or (shadow.error if shadow is not None else "not run"))
+            o.controls.append(reference_control(shadow.result if ok else None, reference=ref,
+                                                alpha=manifest.controls_of(a).alpha, error=None if ok else error))
+        out[a.id] = o
+    return AuditOutcomes(out, cap)

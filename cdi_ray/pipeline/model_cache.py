@@ -1,6 +1,6 @@
 """Models kept in object storage: ``s3://`` model prefixes fetched once per node into a local cache.
 
-Every feature actor (and the planner's ``describe_model``) calls :func:`materialize_model`; on a
+Every feature actor (and :func:`cdi_ray.pipeline.describe.describe_model`) calls :func:`materialize_model`; on a
 node they share one cache folder (``$CDI_RAY_CACHE/models`` or ``~/.cache/cdi-ray/models``).
 
 * Key: sha256 over the URI and every object's (relative path, size, ETag — S3's checksum of the

@@ -1,4 +1,4 @@
-"""Batch results: FDR across the batch, verdicts, ``results.json`` / ``results.parquet``.
+"""Stage 7 — batch results: FDR across the batch, verdicts, ``results.json`` / ``results.parquet``, reports.
 
 Files under the output location:
 
@@ -24,7 +24,7 @@ Reports (docs/REPORTS.md), written after ``results.json``:
 
 * ``audits/<audit_id>.json`` — :func:`audit_document`: the results entry, the batch's FDR
   settings, the report payload (score histograms, per-feature AUCs and weights, p-value vs n;
-  :func:`cdi_ray.pipeline.aggregate.report_payload`) and the provenance needed to re-run it;
+  :func:`cdi_ray.pipeline.payload.report_payload`) and the provenance needed to re-run it;
 * ``audits/<audit_id>.html`` and ``index.html`` — rendered from those JSON files by
   :mod:`cdi_ray.report` (``cdi-ray report`` re-renders them).
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cdi_ray import storage
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "cdi-ray/results/v1"
 AUDIT_SCHEMA = "cdi-ray/audit/v1"
@@ -80,9 +83,6 @@ class BatchResult:
     summary: dict
     fdr: dict
     run: dict = field(default_factory=dict)
-    #: audit id (and ``<id>@reference`` shadows) → the :class:`~cdi_ray.pipeline.aggregate.PlannedTest`
-    #: the aggregate stage ran; in memory only (not in ``to_dict``).
-    tests: dict = field(default_factory=dict, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -166,6 +166,71 @@ def build_entries(outcomes: list[dict], *, fdr_method: str, q: float) -> tuple[l
     return entries, fdr
 
 
+def audit_rows(manifest, plan, models, outcomes) -> list[dict]:
+    """Per audit, in manifest order: what :func:`build_entries` turns into a results entry."""
+    rows = []
+    for a in manifest.audits:
+        o, ap, info = outcomes.outcomes[a.id], plan.audits[a.id], models.infos.get(a.model)
+        ref = manifest.controls_of(a).reference_model
+        rows.append({
+            "audit_id": a.id, "model": a.model, "model_fingerprint": info.fingerprint if info else None,
+            "feature_key": ap.main.feature_key if ap.main else None,
+            "status": o.status, "result": o.result, "error": o.error, "controls": o.controls,
+            "n_published": o.n_published, "n_unpublished": o.n_unpublished, "unusable": o.unusable,
+            "alpha": a.test.alpha, "seed": a.seed, "procedure": a.test.procedure, "min_samples": a.test.min_samples,
+            "feature_calibration": "reference:" + ref if a.calibration == "reference" else "none",
+        })
+    return rows
+
+
+def collect_results(manifest, plan, models, features, descriptors: dict, outcomes, run: dict) -> BatchResult:
+    """Stage 7: the batch's verdicts after FDR, and the ``run`` section (timings, what was listed,
+    hashed and computed)."""
+    entries, fdr = build_entries(audit_rows(manifest, plan, models, outcomes), fdr_method=manifest.fdr.method,
+                                 q=manifest.fdr.q)
+    run = {**run, "features": {"needed": plan.needed, "to_compute": plan.to_compute, **features.totals()},
+           "descriptors": descriptors, "max_permutations": outcomes.max_permutations}
+    return BatchResult(output=run["output"], audits=entries, summary=summarize(entries), fdr=fdr, run=run)
+
+
+def provenance(manifest, audit, entry: dict, plan_audit, info, run: dict, software: dict) -> dict:
+    """What a third party needs to re-run one audit: the manifest entry as validated, the model,
+    the feature config, seed, the batch settings, software versions and the run's timings."""
+    model = manifest.models[audit.model]
+    info = info.to_dict() if info is not None else {}
+    return {
+        "manifest_hash": run["manifest_hash"],
+        "manifest_entry": audit.model_dump(mode="json"),
+        "model": {"name": audit.model, "uri": model.uri, "fingerprint": entry.get("model_fingerprint"),
+                  "access": model.access, "dtype": model.dtype, "options": dict(model.options),
+                  "family": info.get("family"), "image_size": info.get("image_size"),
+                  "image_channels": info.get("image_channels")},
+        "feature_key": entry.get("feature_key"),
+        "feature_config": plan_audit.feature_config if plan_audit is not None else None,
+        "seed": audit.seed,
+        "conditioning": plan_audit.conditioning if plan_audit is not None else None,
+        "controls": manifest.controls_of(audit).model_dump(mode="json"),
+        "fdr": manifest.fdr.model_dump(mode="json"),
+        "software": software,
+        "run": {k: run.get(k) for k in ("run_id", "output", "feature_store", "started_at", "finished_at", "seconds",
+                                        "timings", "max_permutations")},
+    }
+
+
+def write_outputs(batch: BatchResult, manifest, plan, models, outcomes) -> None:
+    """``results.json`` & co., then the reports — a report that cannot be written never loses the results."""
+    write_results(batch)
+    try:
+        software = software_versions()
+        docs = [audit_document(e, fdr=batch.fdr, report=outcomes.outcomes[a.id].report,
+                               provenance=provenance(manifest, a, e, plan.audits[a.id], models.infos.get(a.model),
+                                                     batch.run, software))
+                for a, e in zip(manifest.audits, batch.audits)]
+        write_reports(batch.output, batch.to_dict(), docs)
+    except Exception as exc:  # noqa: BLE001
+        log.error("writing the HTML reports failed (results.json is complete): %s: %s", type(exc).__name__, exc)
+
+
 def summarize(entries: list[dict]) -> dict:
     out = {"audits": len(entries), "done": 0, "failed": 0, "used": 0, "not_detected": 0, "inconclusive": 0}
     for e in entries:
@@ -224,7 +289,7 @@ def audit_document(entry: dict, *, fdr: dict, report: dict | None, provenance: d
     Args:
         entry (`dict`): the audit's ``results.json`` entry, unchanged.
         fdr (`dict`): the batch's ``fdr`` section (method, q, n_tested).
-        report (`dict` or `None`): :func:`cdi_ray.pipeline.aggregate.report_payload` (None: failed audit).
+        report (`dict` or `None`): :func:`cdi_ray.pipeline.payload.report_payload` (None: failed audit).
         provenance (`dict`): manifest entry, model, feature config, seed, software, run timings.
     """
     return {"schema": AUDIT_SCHEMA, "audit": entry, "fdr": fdr, "report": report, "provenance": provenance}

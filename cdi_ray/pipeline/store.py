@@ -3,8 +3,10 @@
 Layout under the store root (a local folder or an ``s3://`` prefix)::
 
     model=<fingerprint>/cfg=<config hash>/part-<uuid>.parquet   feature rows
-    _hashes/part-<uuid>.parquet                                  URI → content hash cache
-    _models/<fingerprint>.json                                   image size / channels of a model
+    model=_descriptors/cfg=<geometry key>/part-<uuid>.parquet   model-free descriptors (cdi_ray.controls)
+    _hashes/part-<uuid>.parquet                                  URI → content hash index
+    _models/<fingerprint>.json                                   what a model is (geometry, conditioning)
+    _shards/<name>.parquet                                       indexes of shards (cdi_ray.sources.shards)
 
 One feature row per image: ``content_hash``, ``model_fingerprint``, ``config_hash``, ``status``
 (``"ok"`` or ``"error"``), ``error`` (the image's failure reason, null when ok) and the feature
@@ -21,7 +23,6 @@ choice does not matter.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import uuid
@@ -37,6 +38,12 @@ from cdi_ray import storage
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("content_hash", "model_fingerprint", "config_hash", "status", "error")
+#: Columns of the URI → content hash index.
+HASH_INDEX_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string()),
+                               ("content_hash", pa.string())])
+#: Store "fingerprint" of the model-free descriptor partitions (``model=_descriptors/cfg=<key>``);
+#: a real fingerprint is a sha256 hex digest, so it cannot collide.
+DESCRIPTOR_PARTITION = "_descriptors"
 STATUS_OK, STATUS_ERROR = "ok", "error"
 #: Parallel GETs when reading many part files from S3.
 _READ_THREADS = 16
@@ -44,17 +51,6 @@ _READ_THREADS = 16
 
 def _part_name() -> str:
     return f"part-{uuid.uuid4().hex}.parquet"
-
-
-def table_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
-    """A whole Parquet file in memory (the footer — Parquet's own commit marker — is written last)."""
-    if metadata:
-        meta = dict(table.schema.metadata or {})
-        meta.update({k.encode(): v.encode() for k, v in metadata.items()})
-        table = table.replace_schema_metadata(meta)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
 
 
 def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -122,6 +118,13 @@ class FeatureStore:
             out.update(t.column("content_hash").to_pylist())
         return out
 
+    def stored_keys(self, fingerprint: str, config_hash: str) -> pa.Array:
+        """:meth:`keys` as one Arrow array (for planning many images: no Python set per image)."""
+        tables = self._tables(fingerprint, config_hash, ["content_hash", "model_fingerprint", "config_hash"])
+        if not tables:
+            return pa.array([], pa.string())
+        return pc.unique(pa.chunked_array([t.column("content_hash") for t in tables], pa.string()))
+
     def read(self, fingerprint: str, config_hash: str, hashes: Iterable[str] | None = None) -> pa.Table | None:
         """Stored rows, one per content hash (restricted to ``hashes`` when given); None if empty."""
         wanted = None if hashes is None else pa.array(sorted(set(hashes)), pa.string())
@@ -137,7 +140,7 @@ class FeatureStore:
         if missing:
             raise ValueError(f"feature rows lack columns {missing}")
         uri = storage.join(self.partition(fingerprint, config_hash), _part_name())
-        storage.atomic_write_bytes(uri, table_bytes(table))
+        storage.write_parquet(uri, table)
         return uri
 
     # -- model info cache ---------------------------------------------------------------------
@@ -153,33 +156,26 @@ class FeatureStore:
         )
 
     # -- URI → content-hash cache --------------------------------------------------------------
-    def hash_index(self) -> dict[str, tuple[int, str, str]]:
-        """``uri → (size, version, content_hash)`` of images hashed by earlier runs."""
+    def hash_index(self) -> pa.Table:
+        """``uri, size, version, content_hash`` of every image hashed by earlier runs (one row per
+        hashing; a URI rewritten in between has several rows, and only the one whose size and version
+        match what is listed now is valid)."""
         folder = storage.join(self.root, "_hashes")
         try:
             files = sorted(e.uri for e in storage.iter_files(folder) if _is_part(e.uri))
         except FileNotFoundError:
-            return {}
-        out: dict[str, tuple[int, str, str]] = {}
+            files = []
         if not files:
-            return out
+            return HASH_INDEX_SCHEMA.empty_table()
         with ThreadPoolExecutor(min(_READ_THREADS, len(files))) as pool:
-            tables = list(pool.map(_read_table, files))
-        for t in tables:
-            if t is None or not {"uri", "size", "version", "content_hash"} <= set(t.column_names):
-                continue
-            for uri, size, version, h in zip(*(t.column(c).to_pylist() for c in ("uri", "size", "version", "content_hash"))):
-                out[uri] = (size, version, h)
-        return out
+            tables = list(pool.map(lambda f: _read_table(f, list(HASH_INDEX_SCHEMA.names)), files))
+        good = [t.cast(HASH_INDEX_SCHEMA) for t in tables if t is not None and set(HASH_INDEX_SCHEMA.names) <= set(t.column_names)]
+        return pa.concat_tables(good) if good else HASH_INDEX_SCHEMA.empty_table()
 
-    def add_hashes(self, rows: list[dict]) -> None:
-        """Remember ``{uri, size, version, content_hash}`` rows (one new part file)."""
-        if not rows:
-            return
-        table = pa.Table.from_pylist(rows, schema=pa.schema(
-            [("uri", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("content_hash", pa.string())]
-        ))
-        storage.atomic_write_bytes(storage.join(self.root, "_hashes", _part_name()), table_bytes(table))
+    def add_hashes(self, rows: pa.Table) -> None:
+        """Remember ``uri, size, version, content_hash`` rows (one new part file)."""
+        if rows.num_rows:
+            storage.write_parquet(storage.join(self.root, "_hashes", _part_name()), rows.cast(HASH_INDEX_SCHEMA))
 
 
 def _is_part(uri: str) -> bool:

@@ -7,8 +7,8 @@ Steps (each timed):
 2. **skip** — requests the ledger has ``done`` with the same inputs (and a deliverable in place)
    are carried over untouched; only failed, new or changed ones run;
 3. **audit** — the requests that run expand into audits (:mod:`~cdi_ray.requests.expand`) and
-   go through the pipeline once (:mod:`~cdi_ray.requests.engine`: the feature store makes
-   images shared by requests, or stored by earlier runs, cost nothing);
+   go through the pipeline's stages once (:mod:`~cdi_ray.requests.engine`: the feature store
+   makes images shared by requests, or stored by earlier runs, cost nothing);
 4. **decide** — each request corrected within itself (:mod:`~cdi_ray.requests.family`);
 5. **deliver** — per owner: the feature rows, then the folder (:mod:`~cdi_ray.requests.deliverable`);
 6. **ledger** — ``requests.parquet``, ``rejected.csv`` and the operator's ``index.html``, with
@@ -125,7 +125,8 @@ def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_stor
 
     # 3. audit
     t0 = time.time()
-    records, counters, warnings = {}, {}, {}
+    records, counters, warnings, tests = {}, {}, {}, None
+    software = software_versions()
     if todo:
         from cdi_ray.requests.engine import ensure_ray, run_audits
 
@@ -134,8 +135,8 @@ def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_stor
         expansion = expand(todo, registry, output=out, feature_store=store, batch_cap=cap)
         warnings = expansion.warnings
         ensure_ray(address, num_cpus=num_cpus)
-        engine = run_audits(expansion.manifest, feature_store=store)
-        records, counters = engine.records, engine.counters
+        engine = run_audits(expansion.manifest, out=out, feature_store=store, software=software)
+        records, counters, tests = engine.records, engine.counters, engine.tests
     lap("audit", t0)
 
     # 4. decide
@@ -163,18 +164,17 @@ def run_requests(requests_uri: str, registry_uri: str, out: str, *, feature_stor
     t0 = time.time()
     rows_copied = 0
     order = list(outcomes.values())
-    software = software_versions()
     for i in range(0, len(order), DELIVER_CHUNK):
         chunk = order[i:i + DELIVER_CHUNK]
         for o in chunk:
             if o.request.request_id in ledger:
                 _clear(folder_of(out, o.request.request_id))
+        ran = tests.records([audit_id(o.request.request_id, m) for o in chunk for m in o.request.models])
         wanted = {o.request.request_id: ev.merge_reads(
-            t for m in o.request.models for rec in [records[audit_id(o.request.request_id, m)]]
-            for t in (rec.planned, rec.shadow) if t is not None) for o in chunk}
+            t for m in o.request.models for t in ran[audit_id(o.request.request_id, m)] if t is not None) for o in chunk}
         rows_copied += ev.copy_rows(store, wanted, lambda rid: storage.join(folder_of(out, rid), ev.FEATURES_DIR))
         with ThreadPoolExecutor(WRITE_THREADS) as pool:  # many small atomic writes: I/O-bound (fsync, S3 PUT)
-            list(pool.map(lambda o: write_deliverable(out, o, records, registry, inputs_hash=hashes[o.request.request_id],
+            list(pool.map(lambda o: write_deliverable(out, o, records, ran, registry, inputs_hash=hashes[o.request.request_id],
                                                       feature_store=store, software=software), chunk))
     lap("deliver", t0)
 

@@ -159,15 +159,17 @@ def _config_hash(cfg: dict | None) -> str | None:
         return None
 
 
-def evidence_manifest(outcome: RequestOutcome, records: dict, registry: Registry, *, inputs_hash: str,
+def evidence_manifest(outcome: RequestOutcome, records: dict, tests: dict, registry: Registry, *, inputs_hash: str,
                       feature_store: str, software: dict) -> tuple[dict, list[dict]]:
-    """``(evidence.json, evidence-images rows)`` of one request (``software``: package versions)."""
+    """``(evidence.json, evidence-images rows)`` of one request (``tests``: audit id → (its test, its
+    reference run), :class:`~cdi_ray.requests.evidence.TestRecord` or None; ``software``: package versions)."""
     from cdi_ray import __version__
 
     r = outcome.request
     audits, images = [], []
     for m, entry in zip(r.models, outcome.entries):
         rec = records[audit_id(r.request_id, m)]
+        own, reference = tests.get(rec.audit_id, (None, None))
         prov = rec.document.get("provenance") or {}
         item = {"model": m, "audit_id": rec.audit_id, "status": entry["status"], "model_uri": registry.models[m]["uri"],
                 "model_fingerprint": entry.get("model_fingerprint"), "feature_key": entry.get("feature_key"),
@@ -175,13 +177,12 @@ def evidence_manifest(outcome: RequestOutcome, records: dict, registry: Registry
                 "seed": entry.get("seed"), "min_samples": (registry.defaults.get("test") or {}).get("min_samples"),
                 "controls": prov.get("controls"), "conditioning": prov.get("conditioning"),
                 "collections": (rec.document.get("report") or {}).get("collections"),
-                "test": ev.planned_to_dict(rec.planned) if rec.planned else None,
-                "reference": ev.planned_to_dict(rec.shadow) if rec.shadow else None}
+                "test": ev.record_to_dict(own) if own else None,
+                "reference": ev.record_to_dict(reference) if reference else None}
         audits.append(item)
-        if rec.planned:
-            images += ev.image_rows(rec.planned, ev.MAIN)
-        if rec.shadow:
-            images += ev.image_rows(rec.shadow, ev.REFERENCE)
+        for t in (own, reference):
+            if t is not None:
+                images += ev.image_rows(t)
     command = (f"python jobs/requests.py {REQUEST_FILE} --models {REGISTRY_FILE} --out OUT"
                + (" --family batch" if outcome.family["method"] == "bh" else ""))
     doc = {"schema": EVIDENCE_SCHEMA, "request": {**r.as_row(), "contact": r.contact}, "family": outcome.family,
@@ -216,8 +217,8 @@ def _json(obj) -> bytes:
     return json.dumps(obj, indent=1, allow_nan=False, default=str).encode()
 
 
-def write_deliverable(out: str, outcome: RequestOutcome, records: dict, registry: Registry, *, inputs_hash: str,
-                      feature_store: str, software: dict) -> str:
+def write_deliverable(out: str, outcome: RequestOutcome, records: dict, tests: dict, registry: Registry, *,
+                      inputs_hash: str, feature_store: str, software: dict) -> str:
     """Everything of one request but its feature rows (:func:`cdi_ray.requests.evidence.copy_rows`);
     ``results.json`` goes last — its presence marks a complete deliverable. Returns the folder.
 
@@ -227,7 +228,7 @@ def write_deliverable(out: str, outcome: RequestOutcome, records: dict, registry
     from cdi_ray.requests.page import render_request_html
 
     folder = folder_of(out, outcome.request.request_id)
-    evidence, images = evidence_manifest(outcome, records, registry, inputs_hash=inputs_hash,
+    evidence, images = evidence_manifest(outcome, records, tests, registry, inputs_hash=inputs_hash,
                                          feature_store=feature_store, software=software)
     table = ev.images_parquet(images)
     evidence["files"] = {ev.IMAGES_FILE: hashlib.sha256(table).hexdigest()}

@@ -15,50 +15,64 @@ from __future__ import annotations
 import io
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cdi_ray import storage
+from cdi_ray.pipeline.plan import Role
 
 IMAGES_FILE, FEATURES_DIR = "evidence-images.parquet", "features"
 IMAGE_COLUMNS = {"audit_id": pa.string(), "role": pa.string(), "set": pa.string(), "position": pa.int64(),
                  "uri": pa.string(), "content_hash": pa.string(), "store_key": pa.string(), "reason": pa.string()}
 #: Feature-row files written at once.
 WRITE_THREADS = 8
-#: Roles of a test in an audit: its own, and the reference-model control's re-run.
-MAIN, REFERENCE = "main", "reference"
+#: An audit's runs, as ``role`` in ``evidence-images.parquet``: its own test and the reference-model control's re-run.
+MAIN, REFERENCE = Role.AUDIT.value, Role.REFERENCE.value
+@dataclass(frozen=True)
+class TestRecord:
+    """One run the aggregate stage made for an audit: the store partition it read and the
+    :class:`~cdi_ray.pipeline.aggregator.AuditJob` it ran (images in the order the test saw them) —
+    exactly the arguments of :meth:`~cdi_ray.pipeline.aggregator.AuditAggregator.run_group`."""
+
+    __test__ = False  # not a pytest class
+
+    fingerprint: str
+    feature_key: str
+    columns: tuple[str, ...]
+    job: Any  #: cdi_ray.pipeline.aggregator.AuditJob
 
 
 # ----------------------------------------------------------------------------------------------
-# planned tests ↔ plain data
+# test records ↔ plain data
 # ----------------------------------------------------------------------------------------------
-def planned_to_dict(planned) -> dict:
-    """A :class:`~cdi_ray.pipeline.aggregate.PlannedTest` without its image lists (those go to
-    ``evidence-images.parquet``)."""
-    job = planned.job
-    return {"fingerprint": planned.fingerprint, "feature_key": planned.feature_key, "columns": list(planned.columns),
-            "job": {"audit_id": job.audit_id, "procedure": job.procedure, "alpha": job.alpha, "seed": job.seed,
-                    "options": dict(job.options), "controls": dict(job.controls), "descriptor_key": job.descriptor_key,
+def record_to_dict(record: TestRecord) -> dict:
+    """A :class:`TestRecord` without its image lists (those go to ``evidence-images.parquet``)."""
+    job = record.job
+    return {"fingerprint": record.fingerprint, "feature_key": record.feature_key, "columns": list(record.columns),
+            "job": {"audit_id": job.audit_id, "role": job.role.value, "procedure": job.procedure, "alpha": job.alpha,
+                    "seed": job.seed, "options": dict(job.options), "controls": dict(job.controls),
+                    "descriptor_key": job.descriptor_key,
                     "calibration": list(job.calibration) if job.calibration else None,
                     "calibration_keys": [list(p) for p in job.calibration_keys]}}
 
 
-def image_rows(planned, role: str) -> list[dict]:
-    """``evidence-images.parquet`` rows of one planned test, in the job's order."""
-    job = planned.job
-    return [{"audit_id": job.audit_id.split("@", 1)[0], "role": role, "set": side, "position": i, "uri": r.uri,
+def image_rows(record: TestRecord) -> list[dict]:
+    """``evidence-images.parquet`` rows of one test, in the job's order."""
+    job = record.job
+    return [{"audit_id": job.audit_id, "role": job.role.value, "set": side, "position": i, "uri": r.uri,
              "content_hash": r.content_hash, "store_key": r.key, "reason": r.reason}
             for side, refs in (("published", job.published), ("unpublished", job.unpublished))
             for i, r in enumerate(refs)]
 
 
-def planned_from_dict(data: dict, images: list[dict]):
-    """Rebuild the :class:`PlannedTest` the pipeline ran from the evidence (``images``: this test's
+def record_from_dict(data: dict, images: list[dict]) -> TestRecord:
+    """Rebuild the :class:`TestRecord` the pipeline ran from the evidence (``images``: this test's
     rows of ``evidence-images.parquet``)."""
-    from cdi_ray.pipeline.aggregate import AuditJob, ImageRef, PlannedTest
+    from cdi_ray.pipeline.aggregator import AuditJob, ImageRef
 
     j = data["job"]
     sides = defaultdict(list)
@@ -67,8 +81,8 @@ def planned_from_dict(data: dict, images: list[dict]):
     job = AuditJob(j["audit_id"], tuple(sides["published"]), tuple(sides["unpublished"]), j["procedure"], j["alpha"],
                    j["seed"], dict(j["options"]), controls=dict(j["controls"]), descriptor_key=j["descriptor_key"],
                    calibration=tuple(j["calibration"]) if j["calibration"] else None,
-                   calibration_keys=tuple(tuple(p) for p in j["calibration_keys"]))
-    return PlannedTest(data["fingerprint"], data["feature_key"], tuple(data["columns"]), job)
+                   calibration_keys=tuple(tuple(p) for p in j["calibration_keys"]), role=Role(j["role"]))
+    return TestRecord(data["fingerprint"], data["feature_key"], tuple(data["columns"]), job)
 
 
 def test_result_from_dict(d: dict):
@@ -100,15 +114,15 @@ def read_images(folder: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # which store rows a test reads (the aggregate stage's reads, mirrored)
 # ----------------------------------------------------------------------------------------------
-def store_reads(planned) -> dict[tuple[str, str], set[str]]:
-    """``(fingerprint, partition key) → store keys`` a planned test reads: its features, the
-    model-free descriptors of its images, and the reference model's rows when calibrated."""
-    from cdi_ray.pipeline.actors import DESCRIPTOR_PARTITION
+def store_reads(record: TestRecord) -> dict[tuple[str, str], set[str]]:
+    """``(fingerprint, partition key) → store keys`` a test reads: its features, the model-free
+    descriptors of its images, and the reference model's rows when calibrated."""
+    from cdi_ray.pipeline.store import DESCRIPTOR_PARTITION
 
-    job = planned.job
+    job = record.job
     refs = [r for r in (*job.published, *job.unpublished) if r.content_hash]
     out: dict[tuple[str, str], set[str]] = defaultdict(set)
-    out[(planned.fingerprint, planned.feature_key)] |= {r.store_key for r in refs}
+    out[(record.fingerprint, record.feature_key)] |= {r.store_key for r in refs}
     if job.controls and job.descriptor_key:
         out[(DESCRIPTOR_PARTITION, job.descriptor_key)] |= {r.content_hash for r in refs}
     if job.calibration:

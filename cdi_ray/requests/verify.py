@@ -65,13 +65,14 @@ def _limited_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def rerun(planned, store_root: str):
-    """One planned test through the aggregate stage's code, on ``store_root``; its outcome."""
-    from cdi_ray.pipeline.aggregate import AuditAggregator
+def rerun(record, store_root: str):
+    """One recorded test (:class:`~cdi_ray.requests.evidence.TestRecord`) through the aggregate
+    stage's code, on ``store_root``; its outcome."""
+    from cdi_ray.pipeline.aggregator import AuditAggregator
 
     with _limited_blas():
-        return AuditAggregator().run_group(store_root, planned.fingerprint, planned.feature_key,
-                                           list(planned.columns), [planned.job])[0]
+        return AuditAggregator().run_group(store_root, record.fingerprint, record.feature_key,
+                                           list(record.columns), [record.job])[0]
 
 
 def recompute(evidence: dict, images: list[dict], store_root: str) -> list[dict]:
@@ -85,11 +86,11 @@ def recompute(evidence: dict, images: list[dict], store_root: str) -> list[dict]
             out.append({"outcome": None, "controls": []})
             continue
         mine = [r for r in images if r["audit_id"] == a["audit_id"]]
-        outcome = rerun(ev.planned_from_dict(a["test"], [r for r in mine if r["role"] == ev.MAIN]), store_root)
+        outcome = rerun(ev.record_from_dict(a["test"], [r for r in mine if r["role"] == ev.MAIN]), store_root)
         controls = list(outcome.controls)
         if outcome.status == "done" and a.get("reference"):
             ctl = a.get("controls") or {}
-            shadow = rerun(ev.planned_from_dict(a["reference"], [r for r in mine if r["role"] == ev.REFERENCE]),
+            shadow = rerun(ev.record_from_dict(a["reference"], [r for r in mine if r["role"] == ev.REFERENCE]),
                            store_root)
             ok = shadow.status == "done"
             controls.append(reference_control(shadow.result if ok else None, reference=ctl.get("reference_model"),

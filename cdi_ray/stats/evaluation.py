@@ -21,7 +21,8 @@ from .procedures import DEFAULT_PROCEDURE, run_test, validate_features
 from .results import json_safe
 
 __all__ = ["N_GRID", "MIX_GRID", "U_RATIO_GRID", "PValueCurve", "mean_pvalue_curve", "minimum_samples",
-           "MIARow", "MIATable", "mia_table", "synthetic_audit", "simulate_pvalues", "rejection_rates"]
+           "MIARow", "MIATable", "mia_table", "SHIFT_MODES", "synthetic_audit", "simulate_pvalues", "rejection_rates",
+           "hotelling_pvalue"]
 
 # Sample sizes of the paper's "minimum |P|" search (METHOD.md).
 N_GRID: tuple[int, ...] = (tuple(range(5, 11)) + tuple(range(20, 101, 10)) + tuple(range(200, 1001, 100))
@@ -219,30 +220,76 @@ def mia_table(features_members, features_nonmembers, names=None, *, fpr: float =
 # --------------------------------------------------------------------------------------
 # Synthetic audits (calibration and power simulations)
 # --------------------------------------------------------------------------------------
+SHIFT_MODES = ("known", "random", "opposite")
+
+
 def synthetic_audit(n_published: int, n_unpublished: int, k: int, rng: np.random.Generator, *, shift: float = 0.0,
-                    informative: int | None = None, rho: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian features with unit variance and equicorrelation ``rho``; P's first ``informative``
-    features (default all) are shifted by −``shift`` (lower = member). ``shift=0`` is the null."""
+                    informative: int | None = None, rho: float = 0.0, mode: str = "known",
+                    tail_df: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic features: unit variance, equicorrelation ``rho``; ``shift=0`` is the null.
+
+    P's first ``informative`` features (default all) are shifted by ``shift`` in the direction given
+    by ``mode``: ``"known"`` — lowered, the direction every CDI feature has (lower = member);
+    ``"random"`` — each feature up or down at random, so a prior direction is right for half of
+    them; ``"opposite"`` — raised. ``tail_df`` draws Student-t noise with that many degrees of
+    freedom (scaled to unit variance) instead of Gaussian noise, for heavy-tailed features.
+    """
+    if mode not in SHIFT_MODES:
+        raise ValueError(f"mode must be one of {SHIFT_MODES}; got {mode!r}")
+
+    def noise(shape):
+        if tail_df is None:
+            return rng.standard_normal(shape)
+        return rng.standard_t(tail_df, size=shape) * math.sqrt((tail_df - 2) / tail_df)
+
     def draw(n):
-        z = rng.standard_normal((n, k))
+        z = noise((n, k))
         if rho:
-            z = math.sqrt(1 - rho) * z + math.sqrt(rho) * rng.standard_normal((n, 1))
+            z = math.sqrt(1 - rho) * z + math.sqrt(rho) * noise((n, 1))
         return z
     P, U = draw(n_published), draw(n_unpublished)
-    P[:, : (k if informative is None else informative)] -= shift
+    m = k if informative is None else informative
+    sign = {"known": -np.ones(m), "opposite": np.ones(m)}.get(mode)
+    if sign is None:
+        sign = rng.choice([-1.0, 1.0], size=m)
+    P[:, :m] += shift * sign
     return P, U
 
 
 def simulate_pvalues(procedure: str, n: int, k: int, audits: int, *, seed: int = 0, n_unpublished: int | None = None,
-                     shift: float = 0.0, informative: int | None = None, rho: float = 0.0, **options) -> np.ndarray:
-    """p-values of ``audits`` independent synthetic audits with |P| = n, |U| = n_unpublished (default n)."""
+                     shift: float = 0.0, informative: int | None = None, rho: float = 0.0, mode: str = "known",
+                     tail_df: float | None = None, **options) -> np.ndarray:
+    """p-values of ``audits`` independent synthetic audits with |P| = n, |U| = n_unpublished (default n).
+
+    ``procedure="hotelling"`` gives Hotelling's T² test on the raw features (a baseline, see
+    :func:`hotelling_pvalue`)."""
     out = np.empty(audits)
     for a, child in enumerate(np.random.SeedSequence(seed).spawn(audits)):
         rng = np.random.default_rng(child)
         P, U = synthetic_audit(n, n if n_unpublished is None else n_unpublished, k, rng, shift=shift,
-                               informative=informative, rho=rho)
-        out[a] = run_test(P, U, procedure=procedure, seed=int(rng.integers(2**31 - 1)), **options).pvalue
+                               informative=informative, rho=rho, mode=mode, tail_df=tail_df)
+        if procedure == "hotelling":
+            out[a] = hotelling_pvalue(P, U)
+        else:
+            out[a] = run_test(P, U, procedure=procedure, seed=int(rng.integers(2**31 - 1)), **options).pvalue
     return out
+
+
+def hotelling_pvalue(published, unpublished) -> float:
+    """Two-sample Hotelling T² test of equal means (pooled covariance, F distribution), two-sided.
+
+    A textbook baseline for power comparisons, exact only for Gaussian features with equal
+    covariances; not a registered procedure (cdi-ray's tests must hold without those assumptions).
+    """
+    P, U = validate_features(published, unpublished, min_per_group=2)
+    n1, n2, k = len(P), len(U), P.shape[1]
+    if n1 + n2 - k - 1 < 1:
+        raise ValueError(f"Hotelling's T² needs n_P + n_U > k + 1; got {n1} + {n2} with k = {k}")
+    d = P.mean(axis=0) - U.mean(axis=0)
+    S = ((n1 - 1) * np.cov(P, rowvar=False).reshape(k, k) + (n2 - 1) * np.cov(U, rowvar=False).reshape(k, k)) / (n1 + n2 - 2)
+    t2 = n1 * n2 / (n1 + n2) * float(d @ np.linalg.lstsq(S, d, rcond=None)[0])
+    f = t2 * (n1 + n2 - k - 1) / (k * (n1 + n2 - 2))
+    return float(st.f.sf(f, k, n1 + n2 - k - 1))
 
 
 def rejection_rates(pvalues: np.ndarray, alphas=(0.01, 0.05), confidence_level: float = 0.95) -> list[dict]:

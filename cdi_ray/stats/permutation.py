@@ -87,15 +87,19 @@ def _tail_update(exceed: np.ndarray, count: int, drawn: int, h: int, cap: int):
     return count, None, drawn + usable.size >= cap
 
 
-def sequential_permutation_pvalue(draw, t_obs: float, *, h: int = 10, max_permutations: int = 9_999,
-                                  max_permutations_reverse: int = 999, first_chunk: int = 40,
-                                  max_chunk: int = 2048) -> SequentialPValue:
+def sequential_permutation_pvalue(draw, t_obs: float, *, t_obs_reverse: float | None = None, h: int = 10,
+                                  max_permutations: int = 9_999, max_permutations_reverse: int = 999,
+                                  first_chunk: int = 40, max_chunk: int = 2048) -> SequentialPValue:
     """Besag–Clifford sequential permutation p-values for both tails.
 
     Args:
         draw (`callable`): ``draw(size) -> ndarray (size,)`` of statistics on freshly drawn
-            uniform random permutations (i.i.d. across calls).
+            uniform random permutations (i.i.d. across calls), or ``-> (forward, reverse)``, two
+            such arrays from the same permutations when the reverse hypothesis has its own
+            statistic (then give ``t_obs_reverse``).
         t_obs (`float`): statistic on the observed labels, computed by the same code path.
+        t_obs_reverse (`float`, *optional*): the observed reverse statistic; the reverse tail is
+            then "reverse statistic ≥ t_obs_reverse". Without it the reverse tail is "T ≤ t_obs".
         h (`int`, defaults to 10): stop a tail after ``h`` permutations reached ``t_obs``;
             then p = h/L where L is the draw at which the h-th one came. The decision
             "p ≤ α" is then identical to a fixed-B test with B = ceil(h/α) − 1
@@ -116,12 +120,15 @@ def sequential_permutation_pvalue(draw, t_obs: float, *, h: int = 10, max_permut
     if h < 1 or max_permutations < h or max_permutations_reverse < 1:
         raise ValueError(f"need h ≥ 1 and max_permutations ≥ h; got h={h}, "
                          f"max_permutations={max_permutations}, max_permutations_reverse={max_permutations_reverse}")
-    if not np.isfinite(t_obs):
+    if t_obs_reverse is None:
+        t_obs_reverse = -t_obs
+    if not (np.isfinite(t_obs) and np.isfinite(t_obs_reverse)):
         return SequentialPValue(1.0, 1.0, 0, 0, False, 0, float("nan"), float("nan"))
     # Permutations that tie with the observed labels mathematically (e.g. the identity, likely
     # when n is small) may differ from t_obs by rounding (BLAS sums a 1-row and a B-row product
     # in different orders); count anything within a relative 1e-9 as a tie, i.e. an exceedance.
     tie_tol = RELATIVE_TIE_TOLERANCE * max(1.0, abs(t_obs))
+    tie_tol_rev = RELATIVE_TIE_TOLERANCE * max(1.0, abs(t_obs_reverse))
     c_up = c_lo = 0
     L_up = L_lo = None
     up_done = lo_done = False
@@ -131,14 +138,20 @@ def sequential_permutation_pvalue(draw, t_obs: float, *, h: int = 10, max_permut
     while not (up_done and lo_done):
         need = max(0 if up_done else max_permutations - drawn, 0 if lo_done else max_permutations_reverse - drawn)
         size = int(min(chunk, max_chunk, need))
-        t = np.asarray(draw(size), dtype=np.float64)
+        out = draw(size)
+        if isinstance(out, tuple):
+            t, t_rev = (np.asarray(a, dtype=np.float64) for a in out)
+        else:
+            t = np.asarray(out, dtype=np.float64)
+            t_rev = -t
         finite = np.isfinite(t)
         s1 += float(t[finite].sum()); s2 += float((t[finite] ** 2).sum()); n_finite += int(finite.sum())
         if not up_done:
             c_up, L, up_done = _tail_update(~(t < t_obs - tie_tol), c_up, drawn, h, max_permutations)
             L_up = L if L is not None else L_up
         if not lo_done:
-            c_lo, L, lo_done = _tail_update(~(t > t_obs + tie_tol), c_lo, drawn, h, max_permutations_reverse)
+            c_lo, L, lo_done = _tail_update(~(t_rev < t_obs_reverse - tie_tol_rev), c_lo, drawn, h,
+                                            max_permutations_reverse)
             L_lo = L if L is not None else L_lo
         drawn += size
         chunk *= 2
@@ -228,93 +241,135 @@ class _CrossFitBase:
 
 
 # --------------------------------------------------------------------------------------
-# Default scorer: per-fold standardisation + ridge regression of the labels (closed form)
+# Ridge scorer: per-fold standardisation + ridge regression of the labels (closed form)
 # --------------------------------------------------------------------------------------
 class RidgeCrossFit(_CrossFitBase):
     """Cross-fitted ridge linear discriminant and its statistic for many label vectors at once.
 
     Per training fold (all folds but f):
-      1. standardise with the training fold's mean μ_f and SD σ_f (label-free; σ=0 → 1),
+      1. standardise with the training fold's mean μ_f and SD σ_f (label-free; a constant
+         feature gets weight 0),
       2. w_f = (X̃ᵀX̃ + λI)⁻¹ X̃ᵀ(y − ȳ)  — ridge regression of centred labels on X̃,
       3. score held-out rows s_i = (x_i − μ_f)ᵀ D_f⁻¹ w_f, rescaled so the scores have unit
          variance on the training fold (makes folds and permutations comparable; no intercept,
          so a fold's share of P cannot shift its scores).
     Statistic: standardized mean difference of held-out scores,
-      T = sqrt(n_P·n_U/N) · (mean_P(s) − mean_U(s))     (≈ N(0,1) under H0 for large N).
+      T = sqrt(n_P·n_U/N) · (mean_P(s) − mean_U(s)),
+    averaged over ``fold_repeats`` independent fold assignments (derandomisation: with R
+    assignments the statistic, and so the p-value, depends far less on the seed; every
+    assignment is label-free and the same for all permutations, so the test stays exact).
+    Under H0 its permutation distribution is centred near 0 with an SD of ≈ 1.4 for R = 1
+    (not 1: held-out scores of different folds are positively dependent), less for R > 1;
+    only its rank among the permutations matters.
 
     Because every label-free quantity (μ_f, σ_f, (X̃ᵀX̃+λI)⁻¹) is fixed across permutations
     and T depends on the labels only through per-fold sums of X over P rows, T for B label
-    vectors costs one (B × units) @ (units × k) product plus O(B·K·k²).
+    vectors costs R·(B × units) @ (units × k) in products plus O(B·R·K·k²).
     """
 
     def __init__(self, published: np.ndarray, unpublished: np.ndarray, *, n_splits: int = 5, ridge: float = 1.0,
-                 block_size: int = 1, rng: np.random.Generator):
+                 block_size: int = 1, fold_repeats: int = 1, rng: np.random.Generator):
         n_p, n_u = len(published), len(unpublished)
         super().__init__(n_p, n_u, n_splits=n_splits, block_size=block_size, rng=rng)
         X = np.vstack([published, unpublished]).astype(np.float64)
         X = X - X.mean(axis=0)  # label-free centring, for numerical accuracy only
         self.X = X
         k = X.shape[1]
-        # per-unit sums and counts, units ordered by fold
+        # per-unit sums and counts
         self.unit_count = np.bincount(self.row_unit, minlength=self.n_units).astype(np.float64)
         by_unit = np.argsort(self.row_unit, kind="stable")
         starts = np.r_[0, np.cumsum(self.unit_count[:-1])].astype(np.int64)
         self.unit_sum = np.add.reduceat(X[by_unit], starts, axis=0)
+        # fold assignments: the first is the base class's (units numbered in fold order, so folds are
+        # contiguous slices); further ones are fresh balanced random assignments of the same units
+        self.folds = [list(self.fold_slices)]
+        for _ in range(1, fold_repeats):
+            fold = np.empty(self.n_units, dtype=np.int64)
+            fold[rng.permutation(self.n_units)] = np.arange(self.n_units) % n_splits
+            self.folds.append([np.flatnonzero(fold == f) for f in range(n_splits)])
         G = X.T @ X
         tot = X.sum(axis=0)
         col_scale = np.abs(X).max(axis=0) + 1e-300
-        F = n_splits
-        self.mu, self.A, self.Cn = np.zeros((F, k)), np.zeros((F, k, k)), np.zeros((F, k, k))
-        self.Tf, self.nf = np.zeros((F, k)), np.zeros(F)
-        for f in range(F):
-            Xf = X[self.row_fold == f]
-            n_f = len(Xf)
+        n_fits = fold_repeats * n_splits
+        self.mu, self.A, self.Cn = np.zeros((n_fits, k)), np.zeros((n_fits, k, k)), np.zeros((n_fits, k, k))
+        self.Tf, self.nf = np.zeros((n_fits, k)), np.zeros(n_fits)
+        for i, (r, f) in enumerate((r, f) for r in range(fold_repeats) for f in range(n_splits)):
+            idx = self.folds[r][f]
+            T_f, n_f = self.unit_sum[idx].sum(axis=0), float(self.unit_count[idx].sum())
+            rows = np.isin(self.row_unit, np.arange(self.n_units)[idx])
+            Xf = X[rows]
             n_tr = self.N - n_f
-            T_f = Xf.sum(axis=0)
             mu = (tot - T_f) / n_tr
             C = (G - Xf.T @ Xf) - n_tr * np.outer(mu, mu)  # training scatter about μ_f
             C = (C + C.T) / 2
             sd = np.sqrt(np.clip(np.diag(C) / n_tr, 0, None))
-            sd = np.where(sd > 1e3 * np.finfo(float).eps * col_scale, sd, 1.0)  # constant column → 1
-            corr = C / np.outer(sd, sd) / n_tr  # training correlation matrix (0 rows for constant columns)
-            A = np.linalg.solve(corr + ridge * np.eye(k), np.eye(k)) / np.outer(sd, sd) / n_tr
-            self.mu[f], self.A[f], self.Cn[f] = mu, (A + A.T) / 2, C / n_tr
-            self.Tf[f], self.nf[f] = T_f, n_f
-        # Block-diagonal (units × F·(k+1)) matrix: Y @ W gives, per fold, the sum of X over the
-        # held-out P rows and their count, in one contiguous BLAS product.
-        self.W = np.zeros((self.n_units, F * (k + 1)))
-        for f, sl in enumerate(self.fold_slices):
-            self.W[sl, f * (k + 1): f * (k + 1) + k] = self.unit_sum[sl]
-            self.W[sl, f * (k + 1) + k] = self.unit_count[sl]
-        self.k = k
+            live = sd > 1e3 * np.finfo(float).eps * col_scale  # a constant column gets weight 0
+            A = np.zeros((k, k))
+            if live.any():
+                sl = np.ix_(live, live)
+                corr = C[sl] / np.outer(sd[live], sd[live]) / n_tr  # training correlation matrix
+                A[sl] = _solve_ridge(corr, ridge) / np.outer(sd[live], sd[live]) / n_tr
+            self.mu[i], self.A[i], self.Cn[i] = mu, (A + A.T) / 2, C / n_tr
+            self.Tf[i], self.nf[i] = T_f, n_f
+        self.k, self.fold_repeats = k, fold_repeats
 
-    def _directions(self, Y: np.ndarray):
-        """Held-out P-sums SP (F,B,k), P-counts cP (F,B) and unit-variance directions v (F,B,k)."""
-        Z = (Y @ self.W).reshape(len(Y), self.n_splits, self.k + 1).transpose(1, 0, 2)
-        SP, cP = Z[:, :, : self.k], Z[:, :, self.k]
-        # training fold f = all rows minus held-out fold f
-        r = (SP.sum(axis=0, keepdims=True) - SP) - (self.n_p - cP)[:, :, None] * self.mu[:, None, :]
-        v = r @ self.A  # ridge solution in raw feature units, batched over folds
+    def _fold_sums(self, Y: np.ndarray):
+        """Held-out P-sums SP (fits, B, k) and P-counts cP (fits, B), fits = repeats × folds."""
+        SP = np.empty((len(self.nf), len(Y), self.k))
+        cP = np.empty((len(self.nf), len(Y)))
+        i = 0
+        for folds in self.folds:
+            for idx in folds:
+                Yf = Y[:, idx]
+                SP[i], cP[i] = Yf @ self.unit_sum[idx], Yf @ self.unit_count[idx]
+                i += 1
+        return SP, cP
+
+    def _directions(self, SP: np.ndarray, cP: np.ndarray) -> np.ndarray:
+        """Unit-variance directions v (fits, B, k) fitted on each training fold."""
+        F = self.n_splits
+        SP4 = SP.reshape(self.fold_repeats, F, *SP.shape[1:])
+        r = (SP4.sum(axis=1, keepdims=True) - SP4).reshape(SP.shape) - (self.n_p - cP)[:, :, None] * self.mu[:, None, :]
+        v = r @ self.A  # ridge solution in raw feature units, batched over fits
         q2 = ((v @ self.Cn) * v).sum(axis=2)  # its score variance on the training fold
         scale = np.where(q2 > 0, 1.0 / np.sqrt(np.where(q2 > 0, q2, 1.0)), 0.0)
-        return SP, cP, v * scale[:, :, None]
+        return v * scale[:, :, None]
 
     def statistic(self, Y: np.ndarray) -> np.ndarray:
-        """T for each row of ``Y`` (shape (B, n_units), 1 = P)."""
-        SP, cP, v = self._directions(Y)
-        sum_p = ((SP - cP[:, :, None] * self.mu[:, None, :]) * v).sum(axis=(0, 2))
-        sum_all = (v * (self.Tf - self.nf[:, None] * self.mu)[:, None, :]).sum(axis=(0, 2))
-        sum_u = sum_all - sum_p
-        return math.sqrt(self.n_p * self.n_u / self.N) * (sum_p / self.n_p - sum_u / self.n_u)
+        """T for each row of ``Y`` (shape (B, n_units), 1 = P), averaged over the fold repeats."""
+        SP, cP = self._fold_sums(Y)
+        v = self._directions(SP, cP)
+        sum_p = ((SP - cP[:, :, None] * self.mu[:, None, :]) * v).sum(axis=2)  # (fits, B)
+        sum_all = (v * (self.Tf - self.nf[:, None] * self.mu)[:, None, :]).sum(axis=2)
+        sum_p = sum_p.reshape(self.fold_repeats, self.n_splits, -1).sum(axis=1)
+        sum_u = sum_all.reshape(self.fold_repeats, self.n_splits, -1).sum(axis=1) - sum_p
+        t = math.sqrt(self.n_p * self.n_u / self.N) * (sum_p / self.n_p - sum_u / self.n_u)
+        return t.mean(axis=0)
 
     def observed_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """Held-out scores of every P row and every U row under the observed labels."""
-        v = self._directions(self.observed_labels())[2][:, 0, :]
-        s = np.empty(self.N)
-        for f in range(self.n_splits):
-            rows = self.row_fold == f
-            s[rows] = (self.X[rows] - self.mu[f]) @ v[f]
+        """Held-out scores of every P row and every U row under the observed labels (mean over repeats)."""
+        Y = self.observed_labels()
+        v = self._directions(*self._fold_sums(Y))[:, 0, :]
+        s = np.zeros(self.N)
+        i = 0
+        for folds in self.folds:
+            for idx in folds:
+                rows = np.isin(self.row_unit, np.arange(self.n_units)[idx])
+                s[rows] += (self.X[rows] - self.mu[i]) @ v[i]
+                i += 1
+        s /= self.fold_repeats
         return s[: self.n_p], s[self.n_p:]
+
+
+def _solve_ridge(corr: np.ndarray, ridge: float) -> np.ndarray:
+    """(corr + λI)⁻¹, or a clear error when λ = 0 and the features are collinear."""
+    k = len(corr)
+    M = corr + ridge * np.eye(k)
+    if ridge == 0 and np.linalg.cond(M) > 1e12:
+        raise ValueError("ridge=0 needs linearly independent features, but some features are (nearly) exact "
+                         "linear combinations of others on a training fold; use ridge > 0 (e.g. the default) "
+                         "or drop the redundant features")
+    return np.linalg.solve(M, np.eye(k))
 
 
 # --------------------------------------------------------------------------------------

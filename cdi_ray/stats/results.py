@@ -45,11 +45,17 @@ class TestResult:
         procedure (`str`): registered name, e.g. ``"crossfit-permutation"``, ``"paper-two-sided"``.
         pvalue (`float`): p-value for H1 "P scores higher than U" (one-sided), except for
             ``paper-two-sided`` where it is the two-sided p-value the authors' code reports.
-        statistic (`float`): the test statistic on the observed labels (see ``statistic_name``).
-        statistic_name (`str`): ``"welch_t"`` or ``"standardized_mean_difference"``.
+        statistic (`float`): the test statistic on the observed labels (see ``statistic_name``). Its
+            scale differs between procedures and scorers and is not N(0, 1) under H0; compare
+            ``statistic_standardized`` across audits instead.
+        statistic_name (`str`): ``"directional_smd"`` (default scorer: standardized mean difference of
+            the in-sample scores of the sign-constrained direction), ``"standardized_mean_difference"``
+            (ridge scorer, held-out scores) or ``"welch_t"``.
         effect_size (`float`): Cohen's d of the held-out scores, (mean_P − mean_U) / pooled SD.
         auc (`float`): P(score of a random P image > score of a random U image) on held-out scores.
-        direction (`str`): ``"P>U"``, ``"P<U"`` or ``"none"`` (sign of ``statistic``).
+        direction (`str`): ``"P>U"``, ``"P<U"`` or ``"none"``: which way P differs from U — the sign of
+            ``statistic``, or for the directional scorer whether the statistic of "P looks like
+            training data" exceeds that of the reverse ("P looks *less* like it").
         pvalue_reverse (`float`): one-sided p-value for the reverse, "P scores LOWER than U",
             from the same procedure. Used by :func:`verdict` to flag anomalies.
         n_published, n_unpublished (`int`): |P| and |U|.
@@ -63,7 +69,13 @@ class TestResult:
             below ``pvalue`` = 1/(n_permutations+1), which is a valid (conservative) bound.
         p_tail_estimate (`float` or `None`): APPROXIMATE p-value from a Gaussian fitted to the
             permutation null (mean/sd). Informational only — never used for a decision.
+        statistic_standardized (`float` or `None`): (statistic − mean) / SD of the permutation
+            statistics drawn: how many null SDs the observed statistic lies above the null mean
+            (comparable across scorers and sizes; ``None`` without permutations).
         scores_published, scores_unpublished (`ndarray`): held-out scores of P and U (for plots).
+        feature_weights (`ndarray`): the directional scorer's direction on the observed data, per feature in
+            units of the standardised raw feature (positive: a higher raw value scores as a member; 0 for a
+            constant feature), scaled to unit score variance; empty for other scorers. For reports.
         options (`dict`): procedure options actually used (defaults filled in).
     """
 
@@ -86,8 +98,10 @@ class TestResult:
     n_exceedances: int | None = None
     p_at_floor: bool = False
     p_tail_estimate: float | None = None
+    statistic_standardized: float | None = None
     scores_published: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     scores_unpublished: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
+    feature_weights: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -140,6 +154,8 @@ class TestResult:
             "n_exceedances": self.n_exceedances,
             "p_at_floor": self.p_at_floor,
             "p_tail_estimate": self.p_tail_estimate,
+            "statistic_standardized": self.statistic_standardized,
+            "feature_weights": self.feature_weights,
             "options": dict(self.options),
         }
         if include_scores:

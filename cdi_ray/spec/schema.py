@@ -1,75 +1,25 @@
-"""The audit manifest: which models, which audits, where results go.
+"""The manifest's schema: which models, which audits, where results go — as frozen pydantic models.
 
-A manifest is YAML or JSON, validated once at load time with pydantic (``extra="forbid"``,
-frozen) and trusted everywhere after. The smallest valid manifest::
-
-    models: {sd-mini: {uri: s3://models/sd-mini}}
-    audits:
-      - {id: artist-042, model: sd-mini,
-         published: s3://owners/artist-042/published/,
-         unpublished: s3://owners/artist-042/unpublished/}
-    output: s3://audits/2026-11-28/
-
-An image source (``published`` / ``unpublished``) is one of
-
-* a string — a folder or an S3 prefix, listed recursively for image files;
-* a list of image URIs;
-* ``{list_file: URI}`` — a text file with one image URI per line (``#`` comments and blank
-  lines ignored; relative entries are taken relative to the list file);
-* ``{folder: URI, metadata: URI}`` — a folder/prefix with a sidecar (JSONL or CSV: image name →
-  ``label`` / ``caption(s)``; ``list_file`` takes ``metadata`` too);
-* ``{webdataset: PATTERN}`` — WebDataset tar shards (``KEY.jpg`` + ``KEY.cls`` / ``.txt`` /
-  ``.json``); PATTERN is a URI, a glob (``shard-*.tar``), a brace range
-  (``shard-{000000..000099}.tar``) or a list of them. A string source ending in ``.tar`` means
-  the same;
-* ``{parquet: PATTERN, image_column: image, label_column: …, caption_column: …, id_column: …}``
-  — Parquet shards (a string source ending in ``.parquet`` means the same with the defaults).
-
-An audit's ``labels: {map: …, missing: error|null}`` maps the collection's label names onto the
-model's class indices and says what a class-conditional model does with unlabelled images
-(:mod:`cdi_ray.conditioning`).
-
-Relative local paths in a manifest are resolved against the manifest's own folder, so a
-manifest and its data can travel together (``ray job submit --working-dir .``).
-
-Errors name the field and the fix, e.g.::
-
-    audits[0].model: unknown model 'sd-mni' — use one of the names under `models:` (sd-mini)
-
-Credentials never appear here: storage is reached with the environment's / instance
-role's credentials (see :mod:`cdi_ray.storage`); a manifest that tries to carry one (an
-``s3://user:secret@…`` location, a credential-like key in ``options`` / ``overrides``, which are
-copied into reports) is refused. With an output root configured (``--output-root`` /
-``$CDI_RAY_OUTPUT_ROOT``), ``output`` and ``feature_store`` must lie under it. This module imports no Ray.
+Validated once at load time (``extra="forbid"``, frozen) and trusted everywhere after; the
+cross-field checks (unknown models, duplicate ids, features a gray-box model cannot compute,
+procedure options) run here too, and every problem is one ``"field.path: what — fix"`` line.
+This module describes and validates image sources; listing and reading them is
+:mod:`cdi_ray.sources`. It imports no Ray.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Access = Literal["white-box", "gray-box"]
-Preset = Literal["white-box", "gray-box"]
+Preset = Literal["white-box", "gray-box", "efficient"]
 
 #: Audit ids become file names and partition values: keep them path-safe.
 AUDIT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be used; ``problems`` holds one ``"field.path: what — fix"`` per issue."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
-        self.source = source
-        head = f"invalid manifest {source}" if source else "invalid manifest"
-        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 class _Spec(BaseModel):
@@ -385,10 +335,8 @@ class Manifest(_Spec):
         """Check preset / features / overrides with the feature registry (imported lazily: torch)."""
         from pydantic import ValidationError as _VE
 
-        from cdi_ray.features.config import FeatureConfig
-
         try:
-            cfg = FeatureConfig(features=tuple(a.features) if a.features else self.preset_of(a), overrides=a.overrides)
+            cfg = self.feature_config(a)
         except _VE as exc:
             field = "features" if a.features and any("features" in e["loc"] for e in exc.errors()) else "overrides"
             return [f"audits[{i}].{field}: {_one_line(e['msg'])}" for e in exc.errors()]
@@ -414,10 +362,7 @@ class Manifest(_Spec):
         if ref == a.model:
             return [f"{where}: {ref!r} is the audited model of audits[{i}] — a reference must be a model that cannot "
                     f"have been trained on the published images"]
-        from cdi_ray.features.config import FeatureConfig
-
-        cfg = FeatureConfig(features=tuple(a.features) if a.features else self.preset_of(a), overrides=a.overrides)
-        if cfg.needs_gradients and self.models[ref].access == "gray-box":
+        if self.feature_config(a, ref).needs_gradients and self.models[ref].access == "gray-box":
             return [f"{where}: audits[{i}] uses gradient features but reference model {ref!r} is gray-box — give the "
                     f"reference white-box access, or use preset: gray-box for the audit"]
         return []
@@ -425,6 +370,26 @@ class Manifest(_Spec):
     # -- derived -------------------------------------------------------------------------------
     def preset_of(self, audit: AuditSpec) -> str:
         return audit.preset or self.models[audit.model].access
+
+    def feature_config(self, audit: AuditSpec, model: str | None = None):
+        """The audit's :class:`~cdi_ray.features.config.FeatureConfig` under ``model`` (default: the audited
+        model; e.g. its reference model) — the one place an audit's features are configured.
+
+        ``model`` changes only what loading the model changes (its weight dtype runs the features under
+        autocast); the features, overrides and seed are the audit's. The device stays at its default: it
+        does not change values, and each feature actor sets its own.
+
+        Raises:
+            pydantic.ValidationError: features or overrides the feature registry refuses.
+        """
+        from cdi_ray.features.config import FeatureConfig  # torch: imported when first needed
+
+        spec = self.models[model or audit.model]
+        kwargs: dict[str, Any] = {"features": tuple(audit.features) if audit.features else self.preset_of(audit),
+                                  "overrides": audit.overrides, "seed": audit.seed}
+        if spec.dtype != "float32":
+            kwargs["autocast_dtype"] = spec.dtype
+        return FeatureConfig(**kwargs)
 
     def controls_of(self, audit: AuditSpec) -> ControlsSpec:
         """The audit's own ``controls`` if given, else the batch's."""
@@ -468,232 +433,3 @@ def json_schema() -> dict:
     """The manifest's JSON Schema (for editors and CI)."""
     return Manifest.model_json_schema()
 
-
-# ----------------------------------------------------------------------------------------------
-# loading and error messages
-# ----------------------------------------------------------------------------------------------
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML loader that refuses duplicate mapping keys (plain YAML keeps the last silently)."""
-
-
-def _construct_mapping(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} — each key may appear once in a mapping", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(manifest)"
-
-
-_SOURCE_HINT = ("give a folder/prefix string, a list of image URIs, {list_file: URI}, {folder: URI, metadata: URI}, "
-                "{webdataset: PATTERN} or {parquet: PATTERN, image_column: …}")
-
-
-def _allowed_keys(model: type[BaseModel] | None) -> str:
-    return ", ".join(model.model_fields) if model else ""
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the last key of ``loc`` (for 'allowed keys' hints)."""
-    cur: type[BaseModel] | None = Manifest
-    parts = list(loc[:-1])
-    i = 0
-    while i < len(parts) and cur is not None:
-        p = parts[i]
-        if cur is Manifest and p == "models":
-            cur, i = ModelSpec, i + 2  # models.<name>
-            continue
-        if cur is Manifest and p == "audits":
-            cur, i = AuditSpec, i + 2  # audits[i]
-            continue
-        if cur is Manifest and p == "fdr":
-            cur = FdrSpec
-        elif cur is AuditSpec and p == "test":
-            cur = TestSpec
-        elif cur is AuditSpec and p == "labels":
-            cur = LabelsSpec
-        elif p == "controls" and cur in (Manifest, AuditSpec):
-            cur = ControlsSpec
-        else:
-            return None
-        i += 1
-    return cur
-
-
-def _describe(err: dict) -> str:
-    loc = tuple(err.get("loc", ()))
-    where = _loc(loc)
-    kind = err.get("type", "")
-    msg = err.get("msg", "")
-    value = err.get("input")
-    if kind == "extra_forbidden":
-        owner = _model_at(loc)
-        allowed = _allowed_keys(owner)
-        hint = f"; allowed keys here: {allowed}" if allowed else ""
-        return f"{where}: unknown key {loc[-1]!r} — remove it or fix its spelling{hint}"
-    if kind == "missing":
-        return f"{where}: required field is missing — add `{loc[-1]}:`"
-    if kind == "literal_error":
-        expected = (err.get("ctx") or {}).get("expected", "")
-        return f"{where}: {value!r} is not allowed — use one of {expected}"
-    if kind == "string_pattern_mismatch":
-        return f"{where}: {value!r} is not a valid name — use letters, digits, '.', '_' or '-' (start with a letter or digit)"
-    if kind == "value_error":
-        text = msg.removeprefix("Value error, ")
-        if where == "(manifest)":
-            return text  # cross-reference checks already name their fields
-        return f"{where}: {text}"
-    if kind in ("int_parsing", "int_type", "float_parsing", "float_type", "int_from_float", "bool_parsing", "bool_type"):
-        return f"{where}: {msg.lower()} (got {value!r}) — fix the value's type"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{where}: {msg.lower()} (got {value!r})"
-    return f"{where}: {msg} (got {value!r})"
-
-
-def _problems(exc: ValidationError) -> list[str]:
-    """One line per problem; a source (a union) that fails every branch is reported once."""
-    out: list[str] = []
-    sources: dict[tuple, list[dict]] = {}
-    for err in exc.errors(include_url=False):
-        loc = tuple(err.get("loc", ()))
-        if len(loc) >= 3 and loc[0] == "audits" and loc[2] in ("published", "unpublished"):
-            sources.setdefault(loc[:3], []).append(err)
-            continue
-        for line in _describe(err).split("\n"):
-            if line not in out:
-                out.append(line)
-    for key, errs in sources.items():
-        where, value = _loc(key), errs[0].get("input")
-        mine = [e for e in errs if e.get("type") == "value_error"]
-        if mine:
-            line = f"{where}: {mine[0]['msg'].removeprefix('Value error, ')}"
-        elif isinstance(value, dict):
-            line = (f"{where}: not a valid source mapping (got keys {sorted(value)}) — use one of {{list_file, metadata}}, "
-                    f"{{folder, metadata}}, {{webdataset}}, {{parquet, image_column, label_column, caption_column, id_column}}")
-        else:
-            line = f"{where}: not a valid image source (got {value!r}) — {_SOURCE_HINT}"
-        out.append(line)
-    return out
-
-
-#: Environment variable naming the configured output root (the CLI's ``--output-root`` wins).
-OUTPUT_ROOT_ENV = "CDI_RAY_OUTPUT_ROOT"
-
-
-def output_root(explicit: str | None = None) -> str | None:
-    """The operator's output root: ``explicit`` (``--output-root``), else ``$CDI_RAY_OUTPUT_ROOT``, else None (no confinement)."""
-    return explicit or os.environ.get(OUTPUT_ROOT_ENV) or None
-
-
-def location_problems(locations: dict[str, str | None], root: str | None) -> list[str]:
-    """One problem per location (field name → URI) that escapes ``root`` (e.g. with ``..``)."""
-    from cdi_ray.storage import is_within
-
-    if not root:
-        return []
-    return [f"{field}: {uri!r} is outside the configured output root {root!r} — write it under the root "
-            f"(set by --output-root or ${OUTPUT_ROOT_ENV})"
-            for field, uri in locations.items() if uri is not None and not is_within(uri, root)]
-
-
-def parse_manifest(data: Any, *, base_dir: str | None = None, source: str | None = None,
-                   root: str | None = None) -> Manifest:
-    """Validate already-parsed manifest data; relative local paths resolve against ``base_dir``.
-
-    ``root`` (default :func:`output_root`): ``output`` and ``feature_store`` must lie under it.
-    """
-    if not isinstance(data, dict):
-        raise ManifestError([f"(manifest): expected a mapping with keys models, audits, output; got {type(data).__name__}"], source)
-    try:
-        manifest = Manifest.model_validate(data)
-    except ValidationError as exc:
-        raise ManifestError(_problems(exc), source) from None
-    if base_dir is not None:
-        manifest = _resolve_relative(manifest, base_dir)
-    problems = location_problems({"output": manifest.output, "feature_store": manifest.feature_store}, output_root(root))
-    if problems:
-        raise ManifestError(problems, source)
-    return manifest
-
-
-def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None) -> Manifest:
-    """Read, parse and validate a manifest (local path, ``file://`` or ``s3://``); ``root`` as in :func:`parse_manifest`.
-
-    Raises:
-        ManifestError: the file is unreadable, not YAML/JSON, or invalid; ``.problems`` lists each issue.
-    """
-    from cdi_ray import storage
-
-    uri = str(path_or_uri)
-    try:
-        raw = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise ManifestError([f"(file): {uri} does not exist — check the path"], uri) from None
-    except OSError as exc:
-        raise ManifestError([f"(file): cannot read {uri}: {exc}"], uri) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ManifestError(["(file): not UTF-8 text — save the manifest as UTF-8 YAML or JSON"], uri) from None
-    try:
-        if uri.endswith(".json"):
-            data = json.loads(text)
-        else:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # YAML is a superset of JSON
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ManifestError([f"(file): not valid YAML/JSON — {exc}"], uri) from None
-    base_dir = None if storage.is_remote(uri) else str(Path(storage.local_path(uri)).parent)
-    return parse_manifest(data, base_dir=base_dir, source=uri, root=root)
-
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _abs(uri: str, base_dir: str) -> str:
-    if _SCHEME.match(uri) or os.path.isabs(uri) or uri.startswith("~"):
-        return os.path.expanduser(uri) if uri.startswith("~") else uri
-    return os.path.normpath(os.path.join(base_dir, uri))
-
-
-def _resolve_relative(m: Manifest, base_dir: str) -> Manifest:
-    def src(s):
-        if isinstance(s, str):
-            return _abs(s, base_dir)
-        if isinstance(s, list):
-            return [_abs(u, base_dir) for u in s]
-        if isinstance(s, SHARD_SOURCES):
-            name = "webdataset" if isinstance(s, WebDatasetShards) else "parquet"
-            p = getattr(s, name)
-            return s.model_copy(update={name: _abs(p, base_dir) if isinstance(p, str) else [_abs(u, base_dir) for u in p]})
-        main = "list_file" if isinstance(s, ListFile) else "folder"
-        return s.model_copy(update={main: _abs(getattr(s, main), base_dir),
-                                    "metadata": _abs(s.metadata, base_dir) if s.metadata else None})
-
-    def labels(spec):
-        return spec.model_copy(update={"map": _abs(spec.map, base_dir)}) if isinstance(spec.map, str) else spec
-
-    models = {k: v.model_copy(update={"uri": _abs(v.uri, base_dir)}) for k, v in m.models.items()}
-    audits = [
-        a.model_copy(update={"published": src(a.published), "unpublished": src(a.unpublished), "labels": labels(a.labels)})
-        for a in m.audits
-    ]
-    update: dict[str, Any] = {"models": models, "audits": audits, "output": _abs(m.output, base_dir)}
-    if m.feature_store:
-        update["feature_store"] = _abs(m.feature_store, base_dir)
-    return m.model_copy(update=update)

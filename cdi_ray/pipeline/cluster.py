@@ -1,0 +1,170 @@
+"""Ray start-up and the pools a run keeps: where the pipeline meets the cluster.
+
+* :func:`ensure_ray` — join ``$RAY_ADDRESS`` (``ray job submit`` sets it) or start a local Ray;
+* :func:`call` / :func:`call_many` — run a Ray-free function of the pipeline as a Ray task, so
+  that what it holds per image lives on a worker, never on the driver;
+* :func:`aggregator_pool` — the aggregator actors, kept across runs of one driver;
+* :func:`local_progress` — the progress bar of a CLI run on a local Ray;
+* :func:`prefetch_imports` — import what later stages of the driver need while it waits on Ray;
+* :func:`exit_process` — how a command-line process ends: Ray stopped, output flushed, no teardown.
+
+The Ray Data streams are :mod:`cdi_ray.pipeline.streams`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from typing import Callable, Iterable, TypeVar
+
+from cdi_ray import console
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Local Ray (no cluster address): a few logical CPUs more than this box has physical cores,
+#: because a read → decode → actor → write stream deadlocks on 2 logical CPUs.
+LOCAL_NUM_CPUS = 8
+#: Tasks of one :func:`call_many` in flight at once (the driver holds their handles only).
+MAX_IN_FLIGHT = 64
+
+#: Whether ensure_ray started a local Ray (our progress bar) or joined a cluster (Ray Data's bars).
+_RAY = {"local": False}
+_POOL: dict = {}
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` / ``$RAY_ADDRESS`` if set (``ray job submit`` sets it), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    console.drop_ray_noise()
+    quiet = console.progress_enabled() and console.verbose() < 1
+    level = logging.WARNING if quiet else logging.INFO
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_level=level)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False,
+                 logging_level=level)
+    console.quiet_ray(local=not address)
+    _RAY["local"] = not address
+
+
+def exit_process(code: int) -> None:
+    """End a command-line process (``jobs/*.py``, ``python -m cdi_ray``) now: stop the Ray it
+    started, flush the output and logs, and exit without the interpreter's teardown, which takes
+    seconds once torch and Ray Data are loaded (module by module, thread by thread) and does
+    nothing a finished command needs."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def local_progress(total: int, label: str) -> console.ProgressBar | None:
+    """A progress bar for a CLI run on a local Ray; None on a cluster or in library use."""
+    if total and _RAY["local"] and console.progress_enabled():
+        return console.ProgressBar(total, label)
+    return None
+
+
+#: What the driver imports only in later stages: the streams (Ray Data), the verdicts, the reports.
+LATER_IMPORTS = ("ray.data", "cdi_ray.stats", "cdi_ray.report")
+
+
+def prefetch_imports(modules=LATER_IMPORTS) -> threading.Thread:
+    """Import ``modules`` in a background thread: the driver spends the listing, hashing and
+    planning stages waiting on Ray tasks, so the seconds these imports take are not spent later on
+    the critical path. An import that fails here fails again, with its message, where it is used."""
+    def run():
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 — raised again at the real import
+                log.debug("prefetching %s failed", name, exc_info=True)
+
+    thread = threading.Thread(target=run, name="cdi-ray-prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
+def one_line(exc: BaseException) -> str:
+    """A remote error as one readable line: the original exception, not Ray's wrapped traceback."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised (Ray wraps it)."""
+    return getattr(exc, "cause", None) or exc
+
+
+def call(fn: Callable[..., T], *args, num_cpus: float = 1, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` in a Ray task; its exception is re-raised here as it was raised there."""
+    import ray
+
+    try:
+        return ray.get(ray.remote(num_cpus=num_cpus, max_retries=2)(fn).remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as exc:
+        raise cause(exc) from None
+
+
+def call_many(fn: Callable[..., T], arguments: Iterable[tuple], *, num_cpus: float = 1,
+              in_flight: int = MAX_IN_FLIGHT) -> list[T | BaseException]:
+    """``fn(*a)`` for every argument tuple, as Ray tasks (at most ``in_flight`` at a time), in order;
+    a task's failure is its result (one bad item never stops the others)."""
+    import ray
+
+    task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+    arguments = list(arguments)
+    results: list = [None] * len(arguments)
+    pending: dict = {}
+    todo = iter(enumerate(arguments))
+    while True:
+        for i, args in todo:
+            pending[task.remote(*args)] = i
+            if len(pending) >= in_flight:
+                break
+        if not pending:
+            return results
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        try:
+            results[i] = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 — returned, the caller decides what fails
+            results[i] = cause(exc)
+
+
+def aggregator_pool(n: int) -> list:
+    """``n`` aggregator actors, reused across ``run_manifest`` calls of this driver (each pays
+    its imports once); the pool is dropped when Ray is re-initialised or an actor failed."""
+    import ray
+
+    from cdi_ray.pipeline.aggregator import AuditAggregator
+
+    ctx = ray.get_runtime_context()
+    job = (ctx.get_session_name(), ctx.get_job_id())  # a new Ray (even one reusing job ids) → a new pool
+    if _POOL.get("job") != job:
+        _POOL.clear()
+        _POOL.update(job=job, actors=[])
+    aggregator = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(AuditAggregator)
+    while len(_POOL["actors"]) < n:
+        _POOL["actors"].append(aggregator.remote())
+    return _POOL["actors"][:n]
+
+
+def drop_aggregator_pool() -> None:
+    """Forget the pool (an actor of it failed: do not reuse it)."""
+    _POOL.clear()

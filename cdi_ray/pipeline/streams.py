@@ -1,0 +1,150 @@
+"""The Ray Data streams: one feature stream per model, and the descriptors left over.
+
+Each stream reads a Parquet file of the run's folder (never a list built in the driver), runs
+the stages of :mod:`cdi_ray.pipeline.actors` as Ray Data operators, and returns only counters to
+the driver — the rows themselves go to the feature store or the run's folder.
+
+* :func:`feature_stream` — a model's work file → decode (CPU tasks) → ``FeatureActor`` pool
+  (``ActorPoolStrategy(min, max)``, ``num_gpus`` from the manifest; the model is loaded once per
+  actor) → one atomic part file per batch and config in the store;
+* :func:`descriptor_stream` — images whose descriptors no feature stream computed → decode,
+  describe (CPU tasks) → the store's descriptor partition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cdi_ray import console
+
+#: Images per decoding task call: a batch of decoded 512×512×3 float32 images stays ~200 MB.
+DECODE_BATCH = 64
+#: Rows per feature-store part file at most (features are ~26 floats a row: 4096 rows ≈ 1 MB).
+WRITE_BATCH = 4096
+#: A stream publishes at least this many part files (unless tiny), so rows reach the store — and
+#: the progress bar — as they are computed: a killed driver loses at most 1/this of the work.
+MIN_WRITES_PER_STREAM = 20
+#: Rows per input block of the streams (more blocks → more parallel tasks).
+ROWS_PER_BLOCK = 256
+
+
+@dataclass
+class StreamCounts:
+    """What came back from one feature stream: feature rows by status, and the actors that computed them."""
+
+    rows: int = 0
+    computed: int = 0
+    errors: int = 0
+    transient: int = 0
+    actors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "computed": self.computed, "errors": self.errors, "transient": self.transient,
+                "actors": self.actors}
+
+
+def _blocks(n: int) -> int:
+    return max(1, min(200, -(-n // ROWS_PER_BLOCK)))
+
+
+def write_batch_size(rows: int) -> int:
+    """Rows per part file for a stream of ``rows``: ≥ MIN_WRITES_PER_STREAM files, 32 … WRITE_BATCH rows each."""
+    return int(min(WRITE_BATCH, max(32, rows // MIN_WRITES_PER_STREAM)))
+
+
+def _split(uri: str, k: int) -> list:
+    """Ray task: one Parquet file of the run's folder as ``k`` Arrow blocks (contiguous, in order)."""
+    from cdi_ray import storage
+
+    table = storage.read_parquet(uri)
+    step = -(-table.num_rows // k) if table.num_rows else 1
+    blocks = [table.slice(i * step, step) for i in range(k)]
+    return blocks if k > 1 else blocks[0]
+
+
+def _read(uri: str, n: int):
+    """A stream's input: the ``n`` rows of a Parquet file of the run's folder, as Ray Data blocks.
+
+    A task loads the file into the object store in :func:`_blocks` pieces — the driver holds their
+    references only — which is much lighter than Ray Data's Parquet reader for files this small
+    (one planned file, no footers to fetch, no listing)."""
+    import ray
+    import ray.data
+
+    k = _blocks(n)
+    refs = ray.remote(num_cpus=1, num_returns=k, max_retries=2)(_split).remote(uri, k)
+    return ray.data.from_arrow_refs(refs if k > 1 else [refs])
+
+
+def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
+                   progress: console.ProgressBar | None = None) -> StreamCounts:
+    """Run one model's stream over its work file (:class:`cdi_ray.pipeline.plan.StreamPlan`).
+
+    ``progress`` advances by images (a row is one (image, config) pair).
+    """
+    from ray.data import ActorPoolStrategy
+
+    from cdi_ray.pipeline.actors import FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT, decode_batch, write_batch
+
+    ds = _read(stream.work, stream.images)
+    # read, check, decode, preprocess (+ the model-free descriptors where asked): CPU tasks
+    descriptors = {"store_root": store_root, "key": stream.descriptor_key} if stream.described else None
+    size, channels = stream.geometry
+    ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy",
+                        fn_kwargs={"size": size, "channels": channels, "descriptors": descriptors})
+    # features: the model once per actor, the pool autoscaling between min and max replicas
+    ds = ds.map_batches(
+        FeatureActor,
+        batch_size=model_spec.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=model_spec.min_replicas, max_size=model_spec.max_replicas),
+        num_gpus=model_spec.num_gpus,
+        num_cpus=model_spec.num_cpus,
+        fn_constructor_kwargs={
+            "model_uri": model_spec.uri,
+            "fingerprint": stream.fingerprint,
+            "configs": stream.configs,
+            "device": model_spec.resolved_device,
+            "dtype": model_spec.dtype,
+            "load_options": stream.load_options,
+            "max_batch_mb": model_spec.max_batch_mb,
+        },
+    )
+    # publish: CPU tasks, one atomic part file per batch and config
+    ds = ds.map_batches(write_batch, batch_size=write_batch_size(stream.rows), batch_format="pyarrow",
+                        fn_kwargs={"store_root": store_root, "fingerprint": stream.fingerprint,
+                                   "columns": stream.columns, "transient_dir": transient_dir})
+    counts, actors = StreamCounts(), set()
+    per_row = stream.images / max(1, stream.rows)
+    # small summary batches: the rows are tiny, and the progress bar moves with each one
+    for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
+        status = batch.column("status").to_pylist()
+        counts.rows += len(status)
+        counts.computed += status.count(STATUS_OK)
+        counts.errors += status.count(STATUS_ERROR)
+        counts.transient += status.count(STATUS_TRANSIENT)
+        actors.update(batch.column("actor").to_pylist())
+        if progress is not None:
+            progress.advance(len(status) * per_row)
+    counts.actors = sorted(actors)
+    if progress is not None:
+        progress.close()
+    return counts
+
+
+def descriptor_stream(todo: str, n: int, geometry: tuple[int, int], key: str, store_root: str) -> dict:
+    """Compute and store the descriptors of the ``n`` images of ``todo`` (``uri, content_hash, loc``)."""
+    from cdi_ray.pipeline.actors import STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT, describe_batch
+
+    counts = {"rows": 0, "computed": 0, "errors": 0, "transient": 0}
+    if not n:
+        return counts
+    ds = _read(todo, n).map_batches(describe_batch, batch_size=DECODE_BATCH, batch_format="numpy",
+                                    fn_kwargs={"size": geometry[0], "channels": geometry[1], "store_root": store_root,
+                                               "key": key})
+    for batch in ds.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        status = batch.column("status").to_pylist()
+        counts["rows"] += len(status)
+        counts["computed"] += status.count(STATUS_OK)
+        counts["errors"] += status.count(STATUS_ERROR)
+        counts["transient"] += status.count(STATUS_TRANSIENT)
+    return counts

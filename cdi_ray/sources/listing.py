@@ -1,0 +1,218 @@
+"""Listing a source: the images a manifest source names, as rows of one table shape.
+
+A listed image is an :class:`ImageEntry`; a listing is a Parquet table of them
+(:data:`LISTING_SCHEMA`, one row per image, in a stable order). Loose files are listed here
+(folders, prefixes, URI lists, list files, with an optional sidecar); a shard source lists its
+shards (:class:`ShardRef`), whose images :mod:`cdi_ray.sources.shards` indexes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import pyarrow as pa
+
+from cdi_ray import storage
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of a collection, with what travels with it.
+
+    ``label`` is the collection's own name for the class (a string such as ``"n01440764"`` or
+    ``"3"``; mapped to a model's index by :mod:`cdi_ray.conditioning`); ``captions`` are its
+    caption(s). ``content_hash`` is known for shard members (hashed while indexing the shard),
+    ``None`` for loose files (hashed by the pipeline). ``error`` is a per-image problem found while
+    listing (e.g. a sidecar row that is not valid JSON): the image is reported as unusable.
+    ``size`` is -1 for a listed URI that does not exist.
+    """
+
+    uri: str
+    size: int
+    version: str
+    loc: str = ""
+    label: str | None = None
+    captions: tuple[str, ...] = ()
+    content_hash: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How to read one kind of shard (``kind`` is ``"webdataset"`` or ``"parquet"``)."""
+
+    kind: str
+    image_column: str = "image"
+    label_column: str | None = None
+    caption_column: str | None = None
+    id_column: str | None = None
+
+    def cache_id(self) -> str:
+        return json.dumps([self.kind, self.image_column, self.label_column, self.caption_column, self.id_column])
+
+    @classmethod
+    def from_cache_id(cls, text: str) -> "ShardSpec":
+        return cls(*json.loads(text))
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A listed shard whose images are not known yet (:func:`cdi_ray.sources.shards.index_shard_cached`)."""
+
+    entry: storage.FileEntry
+    spec: ShardSpec
+
+
+#: Columns of a listing, in order.
+LISTING_SCHEMA = pa.schema([
+    ("uri", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("loc", pa.string()),
+    ("label", pa.string()), ("captions", pa.list_(pa.string())), ("content_hash", pa.string()), ("error", pa.string()),
+])
+LISTING_COLUMNS = tuple(LISTING_SCHEMA.names)
+
+
+def entries_table(entries: Iterable[ImageEntry]):
+    """A listing table of ``entries`` (in their order)."""
+    entries = list(entries)
+    return pa.table({
+        "uri": pa.array([e.uri for e in entries], pa.string()),
+        "size": pa.array([e.size for e in entries], pa.int64()),
+        "version": pa.array([e.version for e in entries], pa.string()),
+        "loc": pa.array([e.loc for e in entries], pa.string()),
+        "label": pa.array([e.label for e in entries], pa.string()),
+        "captions": pa.array([list(e.captions) for e in entries], pa.list_(pa.string())),
+        "content_hash": pa.array([e.content_hash for e in entries], pa.string()),
+        "error": pa.array([e.error for e in entries], pa.string()),
+    }, schema=LISTING_SCHEMA)
+
+
+def table_entries(table) -> list[ImageEntry]:
+    """The entries of a listing table (small tables: tests, one shard)."""
+    cols = {c: table.column(c).to_pylist() for c in LISTING_COLUMNS}
+    return [ImageEntry(u, s, v, loc or "", lab, tuple(caps or ()), h, err)
+            for u, s, v, loc, lab, caps, h, err in zip(*(cols[c] for c in LISTING_COLUMNS))]
+
+
+def read_listing(parts: Iterable[str]):
+    """One listing table from its part files (a source's images, in order)."""
+    tables = [storage.read_parquet(p, columns=list(LISTING_COLUMNS)).cast(LISTING_SCHEMA) for p in parts]
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+
+
+# ----------------------------------------------------------------------------------------------
+# shard patterns
+# ----------------------------------------------------------------------------------------------
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_GLOB_CHARS = set("*?[")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{000..002}b`` → a000b, a001b, a002b (zero padding kept); ``{x,y}`` → alternatives."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        if int(hi) < int(lo):
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} runs backwards — write {{{hi}..{lo}}}")
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [out for opt in options for out in expand_braces(head + opt + tail)]
+
+
+def expand_pattern(pattern: str) -> list[storage.FileEntry]:
+    """The shard files a pattern names, sorted by URI (a plain URI names itself).
+
+    Raises:
+        FileNotFoundError: a named shard does not exist, or a glob matches nothing.
+    """
+    out: dict[str, storage.FileEntry] = {}
+    for uri in expand_braces(pattern):
+        if not _GLOB_CHARS & set(uri):
+            out[storage.normalize(uri)] = storage.stat(uri)
+            continue
+        cut = min(uri.index(c) for c in _GLOB_CHARS if c in uri)
+        folder = uri[:cut].rsplit("/", 1)[0] if "/" in uri[:cut] else "."
+        full = uri if storage.is_remote(uri) else os.path.join(storage.local_path(folder), uri[len(folder):].lstrip("/"))
+        matched = [e for e in storage.iter_files(folder) if fnmatch.fnmatchcase(e.uri, full)]
+        if not matched:
+            raise FileNotFoundError(f"no shard matches {uri!r}")
+        out.update((e.uri, e) for e in matched)
+    if not out:
+        raise FileNotFoundError(f"the pattern {pattern!r} names no shard")
+    return [out[u] for u in sorted(out)]
+
+
+# ----------------------------------------------------------------------------------------------
+# a manifest source → its images (or shards)
+# ----------------------------------------------------------------------------------------------
+def source_id(source) -> str:
+    """A short stable id of a manifest source: equal sources (in any audits) are listed once."""
+    if isinstance(source, str):
+        key = ["prefix", source]
+    elif isinstance(source, list):
+        key = ["list", list(source)]
+    else:
+        key = [type(source).__name__, source.model_dump(mode="json")]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def shard_spec(shards) -> ShardSpec:
+    """How the shards of a ``WebDatasetShards`` / ``ParquetShards`` source are read."""
+    from cdi_ray.spec import ParquetShards
+
+    if isinstance(shards, ParquetShards):
+        return ShardSpec("parquet", shards.image_column, shards.label_column, shards.caption_column, shards.id_column)
+    return ShardSpec("webdataset")
+
+
+def list_source(source) -> list[ImageEntry] | list[ShardRef]:
+    """The images a source names (a shard source: its shards), in a stable order.
+
+    Raises:
+        FileNotFoundError: the folder / prefix / list file / shard does not exist, or holds no images.
+        ValueError: a malformed metadata sidecar or shard pattern (the message names it).
+    """
+    from cdi_ray.sources.sidecar import attach_sidecar
+    from cdi_ray.spec import ImageFolder, ListFile, shard_source
+
+    shards = shard_source(source)
+    if shards is not None:
+        spec = shard_spec(shards)
+        patterns = shards.webdataset if spec.kind == "webdataset" else shards.parquet
+        found = {e.uri: e for p in ([patterns] if isinstance(patterns, str) else patterns) for e in expand_pattern(p)}
+        return [ShardRef(found[u], spec) for u in sorted(found)]
+    if isinstance(source, (str, ImageFolder)):
+        folder = source if isinstance(source, str) else source.folder
+        entries = storage.list_images(folder)
+        if not entries:
+            hint = ""
+            if any(e.uri.endswith((".tar", ".parquet")) for e in storage.iter_files(folder)):
+                hint = " — it holds shards: write {webdataset: …/*.tar} or {parquet: …/*.parquet}"
+            raise FileNotFoundError(f"no image files under {folder} (looked for {', '.join(sorted(storage.IMAGE_EXTENSIONS))}){hint}")
+        if isinstance(source, ImageFolder) and source.metadata:
+            return attach_sidecar(entries, storage.normalize(folder), source.metadata)
+        return [ImageEntry(e.uri, e.size, e.version) for e in entries]
+    uris = storage.read_list_file(source.list_file) if isinstance(source, ListFile) else [storage.normalize(u) for u in source]
+    if not uris:
+        raise FileNotFoundError(f"list file {source.list_file} names no images")
+    out = []
+    for uri in uris:
+        try:
+            out.append(storage.stat(uri))
+        except FileNotFoundError:
+            out.append(storage.FileEntry(uri, -1, ""))  # reported per image later ("missing")
+        except OSError:  # denied, or S3 still failing: no version, so hashing reads it and names the reason
+            out.append(storage.FileEntry(uri, 0, ""))
+    if isinstance(source, ListFile) and source.metadata:
+        return attach_sidecar(out, None, source.metadata)
+    return [ImageEntry(e.uri, e.size, e.version) for e in out]
