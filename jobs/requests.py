@@ -83,4 +83,6 @@ if __name__ == "__main__":
     if result.get("error"):
         print(result["error"], file=sys.stderr)
     print(json.dumps(result, default=str))
-    sys.exit(result["exit_code"])
+    from cdi_ray.pipeline.cluster import exit_process
+
+    exit_process(result["exit_code"])
