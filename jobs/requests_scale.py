@@ -3,13 +3,16 @@
 
     python jobs/requests_scale.py --workdir /tmp/req-scale                 # 2,000 requests, 6 + 6 images each
     python jobs/requests_scale.py --workdir /tmp/req-small --requests 50   # a quick one
+    python jobs/requests_scale.py --workdir /tmp/req-head --requests 200 --address http://127.0.0.1:8265
+                                                                           # through `ray job submit` to a head
 
 1. writes N owners' collections (distinct random 16×16 PNGs, ``--images`` per side), two tiny
    pixel-DDPM models, ``registry.yaml`` and ``requests.csv`` — plus ``--bad`` rejected rows
    (unknown model, missing folder, duplicate id, missing field, in turn) — under ``--workdir``;
 2. runs ``python jobs/requests.py requests.csv --models registry.yaml --out <workdir>/out`` as a
-   child process (the command a user runs) and reads its JSON summary: wall time, the job's own
-   timings and the driver's peak memory;
+   child process (the command a user runs), or with ``--address`` through ``ray job submit`` to
+   that head, and reads its JSON summary: wall time, the job's own timings and the driver's peak
+   memory;
 3. runs :func:`cdi_ray.requests.verify_request` on every request folder and counts matches;
 4. re-runs the same command: nothing may be recomputed (0 audits, 0 features).
 
@@ -83,16 +86,20 @@ def write_inputs(root: Path, n_requests: int, n_bad: int) -> tuple[Path, Path]:
     return requests, registry
 
 
-def run_job(requests: Path, registry: Path, out: Path) -> dict:
-    cmd = [sys.executable, str(REPO / "jobs" / "requests.py"), str(requests), "--models", str(registry),
-           "--out", str(out)]
+def run_job(requests: Path, registry: Path, out: Path, address: str | None = None) -> dict:
+    """The job as a child process, or — with ``address`` (a head's dashboard) — through ``ray job submit``."""
+    args = ["jobs/requests.py", str(requests), "--models", str(registry), "--out", str(out)]
+    cmd = ([sys.executable, *args] if address is None else
+           ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--", "python", *args])
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     wall = time.time() - t0
-    summary = next((json.loads(line) for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), None)
+    summary = next((json.loads(line) for line in reversed(proc.stdout.splitlines())
+                    if line.startswith("{") and '"exit_code"' in line), None)
     if summary is None:
-        raise RuntimeError(f"the job printed no summary (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_s": round(wall, 1), "summary": summary}
+        raise RuntimeError(f"the job printed no summary (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return {"command": " ".join(cmd if address else cmd[1:]), "returncode": proc.returncode, "wall_s": round(wall, 1),
+            "summary": summary}
 
 
 def seed_check(datasets: int = 4000) -> list[dict]:
@@ -120,6 +127,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--images", type=int, default=6, help="images per collection (per side)")
     p.add_argument("--bad", type=int, default=8, help="rows that must be rejected")
+    p.add_argument("--address", help="a running head's dashboard (http://HOST:8265): submit the job with `ray job "
+                                     "submit` instead of running it as a child process")
     args = p.parse_args()
     if args.seed_check:
         print(json.dumps({"seed_check": seed_check()}))
@@ -135,7 +144,7 @@ def main() -> None:
               "setup_s": round(time.time() - t0, 1), "cpus": os.cpu_count(),
               "load_average": os.getloadavg()}
     out = root / "out"
-    record["first"] = run_job(requests, registry, out)
+    record["first"] = run_job(requests, registry, out, args.address)
 
     from cdi_ray.requests import verify_request
 
@@ -148,7 +157,7 @@ def main() -> None:
             mismatched.append({"request": folder.name, "differences": [str(d) for d in v.differences][:5]})
     record["verify"] = {"requests": len(folders), "matched": len(folders) - len(mismatched),
                         "mismatched": mismatched[:10], "seconds": round(time.time() - t0, 1)}
-    record["rerun"] = run_job(requests, registry, out)
+    record["rerun"] = run_job(requests, registry, out, args.address)
     print(json.dumps(record, default=str))
 
 

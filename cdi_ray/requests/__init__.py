@@ -5,11 +5,11 @@ each asking "was any of these models trained on my pictures?" (README "Bulk requ
     verify_request(request_dir)                       # re-run one owner's tests from the stored features
 
 Modules, one job each: :mod:`.intake` (requests file and registry → typed requests / rejections),
-:mod:`.probe` (can a source be read), :mod:`.expand` (requests → audits), :mod:`.engine` (the one
-call into the pipeline), :mod:`.family` (Holm within each owner's request), :mod:`.deliverable` and
-:mod:`.evidence` (the owner's folder), :mod:`.page` (its HTML), :mod:`.ledger` (requests.parquet,
-rejected.csv), :mod:`.verify`, :mod:`.conductor` (the whole job), :mod:`.commands` (``cdi-ray
-requests`` / ``verify``).
+:mod:`.probe` (can a source be read), :mod:`.expand` (requests → audits), :mod:`.engine` (the
+pipeline's stages, and each test's record), :mod:`.family` (Holm within each owner's request),
+:mod:`.deliverable` and :mod:`.evidence` (the owner's folder), :mod:`.page` (its HTML),
+:mod:`.ledger` (requests.parquet, rejected.csv), :mod:`.verify`, :mod:`.conductor` (the whole
+job), :mod:`.commands` (``cdi-ray requests`` / ``verify``).
 """
 from __future__ import annotations
 
