@@ -121,6 +121,30 @@ def test_registry_is_validated_once_with_its_defaults(tmp_path, registry_file, t
         load_registry(str(tmp_path / "nope.yaml"), output=str(tmp_path))
 
 
+def test_the_reference_model_is_run_with_every_audit_and_never_audited(tmp_path, tiny_pixel_dir, collections):
+    """``defaults.controls.reference_model``: requests cannot name it, "every model" leaves it out, and
+    the manifest of any request carries it (its control re-runs each audit's test on it)."""
+    from cdi_ray.requests.expand import expand
+
+    path = tmp_path / "ref.yaml"
+    models = {name: {"uri": str(tiny_pixel_dir), "access": "gray-box"} for name in ("a", "b", "ref")}
+    path.write_text(yaml.safe_dump({"models": models, "defaults": {"controls": {"reference_model": "ref"}}}))
+    reg = load_registry(str(path), output=str(tmp_path / "out"))
+    assert reg.audited == ("a", "b")
+    p, u = str(collections / "p"), str(collections / "u")
+    every = parse_row(1, {"request_id": "all", "owner": "A", "published": p, "unpublished": u}, reg)
+    named = parse_row(2, {"request_id": "r", "owner": "B", "published": p, "unpublished": u, "models": "a ref"}, reg)
+    assert every.models == ("a", "b")
+    assert named.reason == "unknown_model" and "reference model" in named.detail
+    manifest = expand([every], reg, output=str(tmp_path / "out"), feature_store=str(tmp_path / "fs")).manifest
+    assert sorted(manifest.models) == ["a", "b", "ref"] and [a.model for a in manifest.audits] == ["a", "b"]
+    assert all(manifest.controls_of(a).reference_model == "ref" for a in manifest.audits)
+    path.write_text(yaml.safe_dump({"models": {"ref": models["ref"]},
+                                    "defaults": {"controls": {"reference_model": "ref"}}}))
+    with pytest.raises(IntakeError, match="only model 'ref' is the reference model"):
+        load_registry(str(path), output=str(tmp_path))
+
+
 ROWS = [  # (cells, expected reason or None)
     ({"request_id": "ok-1", "owner": "A", "published": "p", "unpublished": "u"}, None),
     ({"request_id": "ok-2", "owner": "B", "published": "q", "unpublished": "u", "models": "b",

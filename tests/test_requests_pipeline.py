@@ -175,6 +175,32 @@ def test_an_owners_results_are_the_same_alone_as_in_the_batch(batch, tmp_path):
     assert len(in_batch) == 2 and all(a["p_adjusted"] >= a["p_value"] for a in in_batch)
 
 
+def test_the_reference_models_run_is_evidence_and_verifies(batch, tmp_path):
+    """A registry with a reference model: every audit's test is re-run on it (the reference-model
+    control), that run's images and feature rows are in the owner's evidence, and verify re-runs both."""
+    from cdi_ray.requests.evidence import REFERENCE
+
+    registry = yaml.safe_load((batch["root"] / "registry.yaml").read_text())
+    registry["defaults"] = {**registry["defaults"], "controls": {"reference_model": "m-two"}}
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(registry))
+    _write_csv(tmp_path / "requests.csv", [{**batch["rows"][0], "models": ""}])  # alpha: every audited model
+    res = run_requests(str(tmp_path / "requests.csv"), str(tmp_path / "registry.yaml"), str(tmp_path / "out"),
+                       feature_store=str(batch["store"]))
+    assert res.exit_code == 0 and res.summary["features"]["computed"] == 0  # both models' rows are stored already
+    folder = tmp_path / "out" / "requests" / "request-alpha-1c2d"
+    (entry,) = json.loads((folder / "results.json").read_text())["audits"]
+    assert entry["model"] == "m-one"
+    control = next(c for c in entry["controls"] if c["name"] == "reference-model")
+    assert control["pvalue"] is not None
+    (audit,) = json.loads((folder / "evidence.json").read_text())["audits"]
+    assert audit["reference"]["fingerprint"] != audit["test"]["fingerprint"]
+    images = pq.read_table(folder / "evidence-images.parquet").to_pylist()
+    assert sum(r["role"] == REFERENCE for r in images) == 2 * N
+    assert (folder / "features" / f"model={audit['reference']['fingerprint']}").is_dir()
+    v = verify_request(str(folder))
+    assert v.matches and v.audits_checked == 1, [str(d) for d in v.differences]
+
+
 def test_a_rerun_recomputes_only_what_failed_or_is_new(batch):
     root, out = batch["root"], batch["out"]
     write_images(root / "delta-collection" / "published", N - 2, seed=13, start=2)  # delta fixed: 2 → N each

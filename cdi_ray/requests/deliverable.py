@@ -237,7 +237,7 @@ def write_deliverable(out: str, outcome: RequestOutcome, records: dict, tests: d
     r = outcome.request
     _put(storage.join(folder, REQUEST_FILE), (json.dumps(r.as_row()) + "\n").encode())
     _put(storage.join(folder, REGISTRY_FILE), yaml.safe_dump(
-        {"models": {m: registry.models[m] for m in r.models}, "defaults": registry.defaults}, sort_keys=False).encode())
+        {"models": registry.models_for(r.models), "defaults": registry.defaults}, sort_keys=False).encode())
     for doc in outcome.documents:
         base = storage.join(folder, AUDITS_DIR, doc["audit"]["audit_id"])
         _put(base + ".json", _json(doc))

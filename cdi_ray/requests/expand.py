@@ -32,7 +32,7 @@ def inputs_hash(request: Request, registry: Registry, family: str) -> str:
     the audit defaults and the family rule. A re-run recomputes a done request only if this changes."""
     payload = {"request": {"request_id": request.request_id, "owner": request.owner, "published": request.published,
                            "unpublished": request.unpublished, "models": list(request.models)},
-               "models": {m: registry.models[m] for m in request.models}, "defaults": registry.defaults,
+               "models": registry.models_for(request.models), "defaults": registry.defaults,
                "family": family}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -69,6 +69,6 @@ def expand(requests: list[Request], registry: Registry, *, output: str, feature_
             if warning:
                 warnings[aid] = warning
     used = sorted({m for r in requests for m in r.models})
-    data = {"models": {m: registry.models[m] for m in used}, "audits": audits, "output": output,
+    data = {"models": registry.models_for(used), "audits": audits, "output": output,
             "feature_store": feature_store, "fdr": {"method": "none"}}
     return Expansion(parse_manifest(data), warnings)

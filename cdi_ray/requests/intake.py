@@ -114,6 +114,22 @@ class Registry:
         """Level of each owner's family of tests (``defaults.test.alpha``, default 0.01)."""
         return float((self.defaults.get("test") or {}).get("alpha", 0.01))
 
+    @property
+    def reference_model(self) -> str | None:
+        """The reference-model control's model (``defaults.controls.reference_model``): a model that
+        cannot have seen any owner's images, run alongside every audit — never audited itself."""
+        return (self.defaults.get("controls") or {}).get("reference_model")
+
+    @property
+    def audited(self) -> tuple[str, ...]:
+        """The models a request may name (every registry model but the reference)."""
+        return tuple(m for m in self.models if m != self.reference_model)
+
+    def models_for(self, names) -> dict[str, dict]:
+        """The manifest's ``models:`` for audits of ``names``: those, and the reference model."""
+        ref = self.reference_model
+        return {m: self.models[m] for m in dict.fromkeys([*names, *([ref] if ref else [])])}
+
 
 @dataclass(frozen=True)
 class Intake:
@@ -157,15 +173,20 @@ def load_registry(uri: str, *, output: str) -> Registry:
     if long:
         raise IntakeError(f"registry {uri}: model name(s) {long} are longer than {MAX_MODEL_NAME} characters or "
                           f"contain {SEPARATOR!r} — shorten them")
+    controls = defaults.get("controls")
+    reference = controls.get("reference_model") if isinstance(controls, dict) else None
+    audited = [name for name in models if name != reference]
+    if not audited:
+        raise IntakeError(f"registry {uri}: its only model {reference!r} is the reference model "
+                          f"(defaults.controls.reference_model) — add the models to audit")
     probe = {"models": models, "output": output,
              "audits": [{"id": f"registry-check-{i}", "model": name, "published": "p", "unpublished": "u", **defaults}
-                        for i, name in enumerate(models)]}
+                        for i, name in enumerate(audited)]}
     base = None if storage.is_remote(uri) else str(Path(storage.local_path(uri)).parent)
     try:
         manifest = parse_manifest(probe, base_dir=base, source=uri)
     except ManifestError as exc:
-        names = list(models)
-        problems = [re.sub(r"^audits\[(\d+)\]", lambda m: f"defaults (with model {names[int(m.group(1))]!r})", p)
+        problems = [re.sub(r"^audits\[(\d+)\]", lambda m: f"defaults (with model {audited[int(m.group(1))]!r})", p)
                     for p in exc.problems]
         raise IntakeError(f"invalid registry {uri}:\n" + "\n".join(f"  - {p}" for p in problems)) from None
     return Registry(uri=uri, models={n: m.model_dump(mode="json") for n, m in manifest.models.items()},
@@ -300,17 +321,21 @@ def parse_row(row: int, cells: dict, registry: Registry) -> Request | Rejection:
                                     f"or '-', starting with a letter or digit, without {SEPARATOR!r}")
     models = values["models"]
     if models is None:
-        names = tuple(registry.models)
+        names = registry.audited
     elif isinstance(models, str):
         names = tuple(dict.fromkeys(models.replace(",", " ").split()))
     elif isinstance(models, list) and all(isinstance(m, str) for m in models):
         names = tuple(dict.fromkeys(m.strip() for m in models if m.strip()))
     else:
         return reject("invalid_row", f"models: {models!r} is not a list of model names — write them space-separated")
+    if registry.reference_model in names:
+        return reject("unknown_model", f"{registry.reference_model!r} is the registry's reference model "
+                                       f"(defaults.controls.reference_model): it is the control every audit runs "
+                                       f"against, not a model to audit — drop it from models")
     unknown = [m for m in names if m not in registry.models]
     if unknown:
         return reject("unknown_model", f"unknown model(s) {unknown} — use names from the registry "
-                                       f"({', '.join(sorted(registry.models))}), or leave models empty for all of them")
+                                       f"({', '.join(sorted(registry.audited))}), or leave models empty for all of them")
     if not names:
         return reject("invalid_row", "models names no model — leave it empty for every registry model")
     metadata = values["metadata"]
@@ -351,7 +376,7 @@ def validate(request: Request, registry: Registry, *, output: str, base_dir: str
     resolve relative paths against ``base_dir`` (the requests file's folder)."""
     from cdi_ray.spec import ManifestError, parse_manifest
 
-    data = {"models": {m: registry.models[m] for m in request.models}, "output": output,
+    data = {"models": registry.models_for(request.models), "output": output,
             "audits": [{"id": f"check-{i}", "model": m, "published": request.published,
                         "unpublished": request.unpublished, **registry.defaults}
                        for i, m in enumerate(request.models)]}
