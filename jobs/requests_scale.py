@@ -18,9 +18,9 @@
 
 The last line on stdout is a JSON record of all of it.
 
-``--seed-check`` instead measures what explains the null run's false ``used`` at 6 + 6 images: the
-default test's rejection rate on Gaussian null data with the seed fixed (as every audit's default
-seed 0 is) versus a fresh seed per dataset, at n = 6 and 50 per side (docs/VERDICTS.md)::
+``--seed-check`` instead measures the default test's rejection rate on Gaussian null data with the
+seed fixed (as every audit's default seed 0 is, so all owners share one draw) versus a fresh seed
+per dataset, at n = 6 and 50 per side — what the null run's false ``used`` rest on (docs/VERDICTS.md)::
 
     python jobs/requests_scale.py --seed-check            # ~2 minutes
 """
