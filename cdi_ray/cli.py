@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results folder (local or s3://) or its results.json")
     p.add_argument("--out", help="where to write the HTML (default: the results folder itself)")
     p.set_defaults(run=_cmd_report)
+
+    from cdi_ray.requests.commands import register as register_request_commands
+
+    register_request_commands(sub)  # `requests` and `verify`
     return parser
 
 

@@ -7,6 +7,8 @@
   (tests/_fault_proxy.py). From the moment it is requested the session's environment points
   boto3 at the proxy, so this process and every Ray worker started after see the same S3. Each
   test module uses buckets of its own; tests that inject faults clear the proxy's rules after.
+* ``ray_head``: ONE real ``ray start --head`` cluster for the session's ``ray job submit`` tests
+  (tests/_ray_head.py), started by the first test that asks for it.
 * ``ray_session``: ONE local Ray for the session (8 logical CPUs on the 2-core CI box: a read →
   decode → actor → write stream deadlocks on 2), started inside that environment so workers
   inherit it — the S3 secret reaches no runtime_env, job or log record. A Ray start-up costs
@@ -24,6 +26,7 @@ import torch
 from cdi_ray import storage
 from cdi_ray.models import testing
 from _fault_proxy import FaultProxy
+from _ray_head import ray_head_cluster
 from _pipeline_helpers import S3_SECRET, env, moto_s3
 
 # The tiny test models run ~100x faster on one intra-op thread than on an oversubscribed pool
@@ -123,3 +126,10 @@ def ray_session(s3_server):
     ray.init(address="local", num_cpus=8, include_dashboard=False)
     yield RaySession(address=ray.get_runtime_context().gcs_address, env=s3_server.env)
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """``(dashboard address, environment)`` of a real local head for ``ray job submit``."""
+    with ray_head_cluster() as head:
+        yield head

@@ -126,14 +126,23 @@ def _task(audit, plan: AuditPlan, run: AuditRun, manifest, options: dict, standi
                      if standing is not None else None)
 
 
-def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: str, *,
-              max_aggregators: int = MAX_AGGREGATORS, standing: dict | None = None) -> AuditOutcomes:
-    """Run every audit's runs (see the module docstring); ``standing`` (audit id →
-    :class:`~cdi_ray.pipeline.standing.StandingAudit`) makes those audits take their nightly look."""
-    import ray
+@dataclass(frozen=True)
+class AuditTasks:
+    """Every run the aggregate stage will make, grouped by store partition (model fingerprint, config key).
 
-    from cdi_ray.controls.reference import reference_control
+    Built on the driver from the plan (per audit, never per image); callers that keep evidence of
+    each test (the requests job) read the same groups that the aggregators ran."""
 
+    groups: dict[tuple[str, str], list[AuditTask]]
+    columns: dict[tuple[str, str], list[str]]
+    failed: dict[str, str]  # audit id → why it cannot be tested at all
+    max_permutations: int | None
+
+
+def audit_tasks(plan: BatchPlan, manifest, features: FeatureCounts, standing: dict | None = None) -> AuditTasks:
+    """Each audit's own run and its reference run as aggregator tasks, with the batch's permutation cap;
+    ``standing`` (audit id → :class:`~cdi_ray.pipeline.standing.StandingAudit`) makes those audits take
+    their nightly look."""
     failed: dict[str, str] = {}
     for a in manifest.audits:
         ap = plan.audits[a.id]
@@ -153,6 +162,18 @@ def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: st
             groups.setdefault(group, []).append(_task(a, ap, run, manifest, test_options(a.test, cap),
                                                       (standing or {}).get(a.id)))
             columns[group] = list(run.columns)
+    return AuditTasks(groups, columns, failed, cap)
+
+
+def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: str, *,
+              max_aggregators: int = MAX_AGGREGATORS, standing: dict | None = None) -> AuditOutcomes:
+    """Run every audit's runs (see the module docstring and :func:`audit_tasks`)."""
+    import ray
+
+    from cdi_ray.controls.reference import reference_control
+
+    tasks = audit_tasks(plan, manifest, features, standing)
+    groups, columns, failed, cap = tasks.groups, tasks.columns, tasks.failed, tasks.max_permutations
     outcomes: dict[tuple[str, Role], AuditOutcome] = {}
     if groups and in_driver(plan):
         for (fp, key), tasks in groups.items():

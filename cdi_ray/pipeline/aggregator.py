@@ -309,6 +309,13 @@ class _Reader:
                         calibration_keys=pairs, role=task.role, standing=task.standing)
 
 
+def read_jobs(tasks: list[AuditTask], transient_dir: str | None = None) -> list[AuditJob]:
+    """The jobs of ``tasks``: each side's images read from the run's files, in listing order
+    (what an aggregator runs; the requests job keeps them as each test's evidence)."""
+    reader = _Reader(transient_dir)
+    return [reader.job(t) for t in tasks]
+
+
 class AuditAggregator:
     """Runs groups of audit runs that share a store partition (a Ray actor: :func:`cdi_ray.pipeline.cluster.actor_pool`)."""
 
@@ -321,8 +328,7 @@ class AuditAggregator:
                   transient_dir: str | None = None) -> list[AuditOutcome]:
         """Read each task's images from the run's files, then :meth:`run_group`."""
         try:
-            reader = _Reader(transient_dir)
-            jobs = [reader.job(t) for t in tasks]
+            jobs = read_jobs(tasks, transient_dir)
         except Exception as exc:  # noqa: BLE001 — the whole group fails, with its reason
             msg = f"cannot read the run's image lists: {type(exc).__name__}: {exc}"
             return [AuditOutcome(t.audit_id, "failed", error=msg, role=t.role) for t in tasks]

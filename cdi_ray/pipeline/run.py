@@ -85,8 +85,9 @@ class Run:
                 "images": {**hashed.counts(), "shards": listings.shards}}
 
 
-def _plan(manifest: Manifest, run: Run, rehash: bool) -> tuple[Listings, ModelInfos, HashedImages, BatchPlan]:
-    """Steps 1–4 (the models are described while the sources are listed and hashed)."""
+def plan_stages(manifest: Manifest, run: Run, rehash: bool = False) -> tuple[Listings, ModelInfos, HashedImages, BatchPlan]:
+    """Steps 1–4 (the models are described while the sources are listed and hashed); also the first
+    half of the requests job's conductor (:mod:`cdi_ray.requests.engine`)."""
     describing = describe_models(manifest, sorted({m for a in manifest.audits for m in audit_models(manifest, a)}),
                                  run.store)                                                        # 2 (started)
     listings = list_sources(manifest.audits, run.folder, run.store)                               # 1
@@ -116,7 +117,7 @@ def plan_manifest(manifest: Manifest, out: str | None = None, *, feature_store: 
     run = Run.of(manifest, out, feature_store)
     run.check_writable()
     cluster.ensure_ray()
-    return _plan(manifest, run, rehash)[3]
+    return plan_stages(manifest, run, rehash)[3]
 
 
 def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: str | None = None,
@@ -152,7 +153,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     run.check_writable()
     cluster.ensure_ray()
     cluster.prefetch_imports()
-    listings, models, hashed, plan = _plan(manifest, run, rehash)                                  # 1–4
+    listings, models, hashed, plan = plan_stages(manifest, run, rehash)                            # 1–4
     start_aggregators(plan, max_aggregators)
     features: FeatureCounts = compute_features(plan, manifest, run.store,                          # 5
                                                max_concurrent_models=max_concurrent_models)

@@ -23,6 +23,10 @@ def _decision_level(audit: dict, fdr: dict | None) -> tuple[str, float | None]:
                 as_finite(audit.get("alpha")))
     fdr = fdr or {}
     method = fdr.get("method")
+    if method == "holm":  # a bulk request: the owner's family is the models of their request
+        a = as_finite(fdr.get("q"))
+        return (f"Holm-adjusted p-value ≤ α = {e(a)} (family-wise, across the {e(fdr.get('n_tested'))} model(s) "
+                f"audited for this request; no other request enters it)"), a
     if method and method != "none":
         q = as_finite(fdr.get("q"))
         return (f"FDR-adjusted p-value ≤ q = {e(q)} ({e(FDR_NAMES.get(method, method))} over "
@@ -96,9 +100,10 @@ def render_audit_html(audit_json: dict) -> str:
     colour = VERDICT_COLOURS.get(label, "#555")
     level_text, level = _decision_level(a, fdr)
     adjusted = fdr.get("method") not in (None, "none")
+    adjustment = "Holm" if fdr.get("method") == "holm" else "FDR"  # Holm: a bulk request's own models
     b = [f"<h1>Audit “{e(a.get('audit_id'))}”</h1>",
          f'<p class="sub">Model <b>{e(a.get("model"))}</b> · cdi-ray copyrighted-data identification · '
-         f'<a href="../index.html">all audits of this batch</a></p>']
+         f'<a href="../index.html">all audits of this {"request" if adjustment == "Holm" else "batch"}</a></p>']
 
     # 1. verdict first, in plain language
     b.append(f'<section id="verdict" class="verdict" style="--c:{colour}"><span class="label">{e(label.replace("_", " "))}'
@@ -129,10 +134,10 @@ def render_audit_html(audit_json: dict) -> str:
             else "none (analytic p-value)" if test else "—")
     rows = [
         ("p-value (raw)", f'<span id="p-raw">{p_raw}</span>'),
-        ("p-value, FDR-adjusted", f'<span id="p-adj">{fmt_p(a.get("p_adjusted"))}</span>'
+        (f"p-value, {adjustment}-adjusted", f'<span id="p-adj">{fmt_p(a.get("p_adjusted"))}</span>'
          + ("" if adjusted else ' <span class="note">(no adjustment: fdr.method is none)</span>')),
         ("decision rule", level_text),
-        ("FDR decision", "—" if not (adjusted and tested) else "reject (significant)" if a.get("fdr_reject")
+        (f"{adjustment} decision", "—" if not (adjusted and tested) else "reject (significant)" if a.get("fdr_reject")
          else "not rejected"),
         ("effect size (Cohen's d of held-out scores)", fmt_num(a.get("effect_size"))),
         ("AUC of held-out scores", fmt_num(a.get("auc"))),
