@@ -148,3 +148,30 @@ def test_no_look_below_min_samples_and_the_decision_is_held(tmp_path):
     assert not held.look.took_look and held.look.alpha_spent == first.look.alpha_spent and held.night == 3
     assert json.loads((tmp_path / "3" / "a.json").read_text())["state"] == \
         json.loads((tmp_path / "2" / "a.json").read_text())["state"]
+
+
+def test_states_are_read_from_the_latest_complete_night_that_has_them(tmp_path):
+    """A night without results.json (crashed) is never read; an audit missing from the night before
+    (it failed and its state could not be carried) is found in an older night; a failed audit's
+    state is carried forward unchanged."""
+    from cdi_ray.pipeline.nightly import complete
+    from cdi_ray.pipeline.standing import carry_forward, previous_states
+
+    def night(date, audits, done=True):
+        for a in audits:
+            (tmp_path / date / "sequential").mkdir(parents=True, exist_ok=True)
+            (tmp_path / date / "sequential" / f"{a}.json").write_text(f'{{"from": "{date}"}}')
+        if done:
+            (tmp_path / date / "results.json").write_text("{}")
+
+    night("2026-12-01", ["a", "b"])
+    night("2026-12-02", ["a"])               # b failed and was not carried
+    night("2026-12-03", ["a", "b"], done=False)  # crashed
+    (tmp_path / "features").mkdir()
+    found = previous_states(str(tmp_path), "2026-12-04", ["a", "b", "new"], complete)
+    assert found == {"a": str(tmp_path / "2026-12-02" / "sequential" / "a.json"),
+                     "b": str(tmp_path / "2026-12-01" / "sequential" / "b.json")}
+    sa = StandingAudit("b", "2026-12-04", str(tmp_path / "2026-12-04" / "sequential" / "b.json"), found["b"], 0.01, 0,
+                       SequentialDesign(), 50)
+    carry_forward({"b": sa}, tested=set())
+    assert json.loads((tmp_path / "2026-12-04" / "sequential" / "b.json").read_text()) == {"from": "2026-12-01"}

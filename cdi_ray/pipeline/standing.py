@@ -189,9 +189,8 @@ def carry_forward(standing: dict[str, StandingAudit], tested: set[str]) -> None:
     for aid, sa in standing.items():
         if aid in tested or not sa.previous_uri:
             continue
-        try:
-            if not storage.exists(sa.state_uri):
-                storage.atomic_write_bytes(sa.state_uri, storage.read_bytes(sa.previous_uri))
+        try:  # overwrites what a crashed earlier run of this night may have left there
+            storage.atomic_write_bytes(sa.state_uri, storage.read_bytes(sa.previous_uri))
         except Exception as exc:  # noqa: BLE001 — the next night then reads it from the older night itself
             log.warning("audit %s: could not carry its state forward (%s); the next night reads %s", aid, exc,
                         sa.previous_uri)
