@@ -5,6 +5,8 @@ Exit codes (the same for every subcommand):
   1  internal error (a bug: please report it with the `-v` output)
   2  invalid input (bad manifest, missing model, unreadable images …) — the message says what to fix
   3  partial failure: some audits or images failed, the rest completed and were written
+  130  interrupted (SIGINT, Ctrl-C): the feature streams were stopped; every feature already
+       stored is kept, so the same command again computes only the rest
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import argparse
 import logging
 import sys
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 log = logging.getLogger("cdi_ray")
 
@@ -163,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdi-ray",
         description="Copyrighted-data identification for diffusion models: audit whether a model was trained on a collection.",
-        epilog="Exit codes: 0 done, 2 invalid input, 3 partial failure (plan: some audits cannot run), 1 internal error.",
+        epilog="Exit codes: 0 done, 2 invalid input, 3 partial failure (plan: some audits cannot run), 1 internal error, "
+               "130 interrupted (Ctrl-C; what was stored is kept).",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -246,8 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+        console.silence_ray_shutdown()
+        print("interrupted: the feature streams were stopped; the features already stored are kept — run the same "
+              "command again to compute only the rest", flush=True)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # user errors carry their own fix; anything else is a bug
         if _is_user_error(exc):
             print(f"error: {exc}", file=sys.stderr)
@@ -262,7 +270,9 @@ def _is_user_error(exc: Exception) -> bool:
     """Errors whose message tells the user what to fix (bad paths, bad manifests, bad images)."""
     from pydantic import ValidationError
 
-    if isinstance(exc, (UserError, FileNotFoundError, ValidationError)):
+    from cdi_ray.storage import UnwritableLocation
+
+    if isinstance(exc, (UserError, FileNotFoundError, ValidationError, UnwritableLocation)):
         return True
     from cdi_ray.models.base import ModelLoadError
 
@@ -279,5 +289,14 @@ def _is_user_error(exc: Exception) -> bool:
     return isinstance(exc, ImageError)
 
 
+def run() -> None:
+    """The ``cdi-ray`` console script: :func:`main`, then the process ends without the interpreter's
+    teardown (:func:`cdi_ray.pipeline.cluster.exit_process`) — which would also wait for the feature
+    streams' threads after a Ctrl-C instead of exiting at once."""
+    from cdi_ray.pipeline.cluster import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

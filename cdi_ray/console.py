@@ -84,6 +84,18 @@ def quiet_ray(local: bool) -> None:
         ctx.enable_progress_bars = False
 
 
+def silence_ray_shutdown() -> None:
+    """After Ctrl-C: the feature streams' threads are still inside Ray Data when Ray is stopped, and
+    Ray Data logs each broken call with a traceback — noise, not news (the interrupt is reported
+    once, by the command). Ray's own loggers go quiet on the console; session log files keep all."""
+    for name in ("ray", "ray.data"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.CRITICAL)
+        for handler in logger.handlers:
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+                handler.setLevel(logging.CRITICAL)
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(round(max(seconds, 0)))
     h, rem = divmod(seconds, 3600)

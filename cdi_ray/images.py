@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from typing import Literal
 
@@ -95,10 +96,10 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
         raise ImageError(name, f"refused as a possible decompression bomb ({exc}); resize it below "
                                f"{max_pixels:,} pixels") from None
     except UnidentifiedImageError:
-        raise ImageError(name, f"not a recognised image format ({len(data):,} bytes starting {data[:8]!r}); "
-                               "convert it to PNG or JPEG, or remove it") from None
+        raise ImageError(name, f"not a recognised image format: {len(data):,} bytes that no image decoder accepts "
+                               f"({_FORMATS}); convert it to PNG or JPEG, or remove it") from None
     except Exception as exc:  # noqa: BLE001 — corrupt headers raise all sorts
-        raise ImageError(name, f"unreadable image header ({type(exc).__name__}: {exc}); re-encode the file") from None
+        raise ImageError(name, f"unreadable image header ({_why(exc)}); re-encode the file") from None
     # 3. size check on the header, before decoding
     width, height = img.size
     if width <= 0 or height <= 0:
@@ -113,7 +114,7 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
             img.seek(0)
             img.load()
     except Exception as exc:  # noqa: BLE001 — OSError("image file is truncated"), SyntaxError, zlib errors…
-        raise ImageError(name, f"truncated or corrupt image data ({type(exc).__name__}: {exc}); "
+        raise ImageError(name, f"truncated or corrupt image data ({_why(exc)}); "
                                "re-download or re-encode the file") from None
     if exif_transpose:
         img = ImageOps.exif_transpose(img)
@@ -121,11 +122,23 @@ def decode_image(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
     try:
         out = _to_l_or_rgb(img)
     except Exception as exc:  # noqa: BLE001
-        raise ImageError(name, f"cannot convert mode {img.mode!r} to L or RGB ({type(exc).__name__}: {exc}); "
+        raise ImageError(name, f"cannot convert mode {img.mode!r} to L or RGB ({_why(exc)}); "
                                "re-encode the file as 8-bit RGB") from None
     if mode is not None and out.mode != mode:
         out = out.convert(mode)
     return out
+
+
+_FORMATS = "looked for PNG, JPEG, WebP, GIF, TIFF, BMP and the other formats Pillow reads"
+_QUOTED_BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""")
+
+
+def _why(exc: BaseException, limit: int = 160) -> str:
+    """A decoder's exception in a reason: its type and message with any bytes it quotes from the
+    file removed (a reason says what the file is not, never what it contains), cut to ``limit``."""
+    text = _QUOTED_BYTES.sub("<bytes>", str(exc)).replace("\n", " ")
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:

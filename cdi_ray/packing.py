@@ -6,12 +6,15 @@ run stored are reused by a run over the shards (:mod:`cdi_ray.sources`). Ray-fre
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
 from typing import Iterator
 
 from cdi_ray import storage
 from cdi_ray.sources import ImageEntry, attach_sidecar
+
+log = logging.getLogger(__name__)
 
 #: Rows per Parquet row group: one decode batch reads about one row group.
 ROW_GROUP_ROWS = 64
@@ -76,7 +79,11 @@ def pack(src: str, dest: str, *, fmt: str, shard_size: int = 1000, metadata: str
     atomically. Returns ``{"shards": [URI…], "images": n}``.
     """
     root = storage.normalize(src).rstrip("/")
-    files = storage.list_images(root)
+    listed = storage.list_images(root)
+    files = [e for e in listed if e.error is None]  # a FIFO, a device, a broken link …: not packed
+    for e in listed:
+        if e.error is not None:
+            log.warning("not packed: %s", e.error)
     if not files:
         raise FileNotFoundError(f"no image files under {src}")
     if metadata is None:

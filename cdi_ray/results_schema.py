@@ -67,6 +67,27 @@ class ControlEntry(_Closed):
     separating: list[SeparatingDescriptor] = Field(default_factory=list)
 
 
+class StandingLook(_Closed):
+    """A standing audit's night under its life-long rule (nightly runs only; docs/VERDICTS.md §5)."""
+
+    night: int = Field(ge=1, description="nights this audit was tested, tonight included")
+    date: str = Field(description="tonight (YYYY-MM-DD)")
+    first_night: str
+    look: int = Field(ge=0, description="looks taken so far (0: none yet)")
+    took_look: bool = Field(description="tonight tested new images; false: nothing changed, no α spent")
+    first_look_on: str | None
+    alpha: float | None = Field(description="the audit's life-long α (null before its first look)")
+    alpha_spent: float = Field(ge=0, description="part of α spent so far")
+    alpha_remaining: float | None
+    level: float | None = Field(description="nominal level of the latest look")
+    nominal_pvalue: float | None = Field(description="the accumulated evidence as a nominal p-value")
+    may_say_used: bool
+    used_on_look: int | None
+    used_on: str | None
+    reason: str | None
+    state: str = Field(description="the stored state this night wrote (<root>/<date>/sequential/<audit_id>.json)")
+
+
 class AuditEntry(_Closed):
     """One audit of ``results.json`` (one row of ``results.parquet``, plus ``controls`` and ``unusable_images``)."""
 
@@ -98,6 +119,8 @@ class AuditEntry(_Closed):
     controls: list[ControlEntry]
     n_unusable: int = Field(ge=0)
     unusable_images: list[UnusableImage]
+    sequential: StandingLook | None = Field(None, description="nightly runs: the standing audit's night, looks and "
+                                                              "α spent under its life-long rule")
 
 
 class FdrSection(_Closed):

@@ -13,6 +13,10 @@ Endpoint and credentials come only from the environment / instance role, exactly
 them (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible stores and tests,
 ``AWS_ACCESS_KEY_ID``…, the EC2 instance profile). Nothing here takes, stores or logs a secret.
 
+Local files are read as regular files only, with size bounds, and folders are listed without
+following a loop (:mod:`cdi_ray.localfs`): a FIFO, a device or a broken link is an entry with a
+named reason, never opened. The S3 client and its error mapping are :mod:`cdi_ray.s3`.
+
 Failures come out as OSErrors that name the URI: ``FileNotFoundError`` (404), ``PermissionError``
 (403) and :class:`StorageError` (anything still failing after the retries), so one unreadable
 object fails its image or its audit, not the batch.
@@ -21,18 +25,17 @@ This module imports no Ray.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from cdi_ray import localfs
+from cdi_ray.localfs import BadEntry, NotARegularFile, TooLarge  # noqa: F401 — raised from here
+from cdi_ray.s3 import StorageError, _is_missing, _s3_errors, reset_client, s3_client  # noqa: F401 — the storage API
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
-#: Attempts per S3 request, the first included (``AWS_MAX_ATTEMPTS`` overrides): throttling (SlowDown, 503), other 5xx
-#: and dropped connections are retried with exponential backoff and client-side rate limiting
-#: (botocore's "adaptive" mode); 403 and 404 are not retried.
-S3_MAX_ATTEMPTS = 8
+
 
 #: Keys per ListObjectsV2 page (S3's maximum; tests lower it to exercise pagination).
 S3_PAGE_SIZE = 1000
@@ -114,92 +117,47 @@ def basename(uri: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# S3 client (one per process; boto3 clients are thread-safe)
-# ----------------------------------------------------------------------------------------------
-_client_lock = threading.Lock()
-_client: tuple[int, object] | None = None
-
-
-def s3_client():
-    """The process's boto3 S3 client, configured from the environment only."""
-    global _client
-    with _client_lock:
-        if _client is None or _client[0] != os.getpid():
-            import boto3
-            from botocore.config import Config
-
-            attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
-            cfg = Config(retries={"total_max_attempts": attempts, "mode": "adaptive"}, max_pool_connections=32)
-            _client = (os.getpid(), boto3.session.Session().client("s3", config=cfg))
-        return _client[1]
-
-
-def reset_client() -> None:
-    """Forget the cached client (tests that change the endpoint between runs)."""
-    global _client
-    with _client_lock:
-        _client = None
-
-
-def _is_missing(exc: Exception) -> bool:
-    return _code(exc) in _MISSING
-
-
-_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
-_DENIED = ("403", "AccessDenied", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-
-
-def _code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-
-
-class StorageError(OSError):
-    """An S3 request that failed after boto3's retries (throttling, 5xx, connection resets are
-    retried with exponential backoff first); the message names the URI and the S3 error."""
-
-
-@contextmanager
-def _s3_errors(uri: str):
-    """Turn botocore's errors into OSErrors that say what to do: ``FileNotFoundError`` (404),
-    ``PermissionError`` (403: the environment's credentials lack the permission), else
-    :class:`StorageError` — so callers handle storage failures as the OSErrors they are."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        yield
-    except ClientError as exc:
-        code = _code(exc)
-        if code in _MISSING:
-            raise FileNotFoundError(f"{uri} does not exist") from None
-        if code in _DENIED:
-            raise PermissionError(f"{uri}: access denied ({code}) — grant the environment's credentials "
-                                  "s3:GetObject / s3:ListBucket on it (s3:PutObject to write there)") from None
-        raise StorageError(f"{uri}: S3 error {code or type(exc).__name__} after retries — {exc}") from None
-    except BotoCoreError as exc:  # connection refused/reset, timeouts (after retries), checksum mismatch
-        raise StorageError(f"{uri}: S3 request failed after retries — {type(exc).__name__}: {exc}") from None
-
-
-# ----------------------------------------------------------------------------------------------
 # reading, listing
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FileEntry:
-    """One listed file: its URI, size in bytes and a version tag (S3 ETag or local mtime_ns)."""
+    """One listed file: its URI, size in bytes and a version tag (S3 ETag or local mtime_ns).
+
+    ``error`` is set for an entry that cannot be used — a FIFO, a device, a dangling link, a
+    directory loop (:mod:`cdi_ray.localfs`) — with its named reason; its ``size`` is -1."""
 
     uri: str
     size: int
     version: str
+    error: str | None = None
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole object. Raises ``FileNotFoundError`` (missing), ``PermissionError`` (denied) or
-    :class:`StorageError` (S3 failed after retries)."""
-    if is_remote(uri):
-        bucket, key = split_s3(uri)
-        with _s3_errors(uri):
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    with open(local_path(uri), "rb") as f:
-        return f.read()
+def read_bytes(uri: str, *, max_bytes: int | None = None, what: str = "file") -> bytes:
+    """The whole object: a regular file (never a FIFO or a device) or an S3 object.
+
+    Args:
+        max_bytes: refuse a larger object with :class:`TooLarge`, from its size, before reading it.
+        what: how the bound is named in the refusal ("image", "manifest" …).
+
+    Raises ``FileNotFoundError`` (missing), ``PermissionError`` (denied), :class:`NotARegularFile`,
+    :class:`TooLarge` or :class:`StorageError` (S3 failed after retries). Images are read with a
+    deadline too: :func:`cdi_ray.sources.reading.read_image`.
+    """
+    if not is_remote(uri):
+        return localfs.read_regular(local_path(uri), max_bytes, what)
+    bucket, key = split_s3(uri)
+    with _s3_errors(uri):
+        obj = s3_client().get_object(Bucket=bucket, Key=key)
+        size = int(obj.get("ContentLength") or 0)
+        if max_bytes is not None and size > max_bytes:
+            obj["Body"].close()
+            raise TooLarge(localfs.too_large_reason(uri, size, max_bytes, what))
+        if max_bytes is None:
+            return obj["Body"].read()
+        data = obj["Body"].read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise TooLarge(localfs.too_large_reason(uri, len(data), max_bytes, what))
+        return data
 
 
 def exists(uri: str) -> bool:
@@ -225,22 +183,12 @@ def iter_files(uri: str) -> Iterator[FileEntry]:
             yield from _iter_s3(uri)
         return
     root = local_path(uri)
-    if os.path.isfile(root):
-        st = os.stat(root)
-        yield FileEntry(root, st.st_size, str(st.st_mtime_ns))
-        return
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{uri} does not exist")
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            p = os.path.join(dirpath, name)
-            st = os.stat(p)
-            entries.append(FileEntry(p, st.st_size, str(st.st_mtime_ns)))
-    yield from sorted(entries, key=lambda e: e.uri)
+        e = localfs.stat_entry(root)  # FileNotFoundError when nothing is there
+        yield FileEntry(e.path, e.size, e.version, e.error)
+        return
+    for e in localfs.walk(root):  # every bad entry is an entry with its reason, never an exception
+        yield FileEntry(e.path, e.size, e.version, e.error)
 
 
 def _iter_s3(uri: str) -> Iterator[FileEntry]:
@@ -277,21 +225,35 @@ def _prefix_exists(bucket: str, key: str) -> bool:
     return bool(resp.get("KeyCount", 0))
 
 
+def is_image_name(uri: str) -> bool:
+    return os.path.splitext(uri)[1].lower() in IMAGE_EXTENSIONS
+
+
+#: Reasons of entries reported whatever their name: what they point at is unknown.
+_ALWAYS_REPORTED = ("dangling_symlink", "symlink_loop", "directory_loop", "unreadable_folder", "access_denied",
+                    "undecodable_name")
+
+
 def list_images(uri: str) -> list[FileEntry]:
-    """Image files under ``uri`` (by extension, case-insensitive), sorted by URI."""
-    return [e for e in iter_files(uri) if os.path.splitext(e.uri)[1].lower() in IMAGE_EXTENSIONS]
+    """Image files under ``uri`` (by extension, case-insensitive), sorted by URI — with the entries
+    that cannot be used (``error`` set): non-regular files with an image name, and any broken link,
+    link loop, directory loop or unreadable folder (its target unknown, it may have been an image)."""
+    return [e for e in iter_files(uri)
+            if is_image_name(e.uri) or (e.error is not None and e.error.startswith(_ALWAYS_REPORTED))]
 
 
 def stat(uri: str) -> FileEntry:
-    """Size and version tag of one file."""
+    """Size and version tag of one file; :class:`BadEntry` (its reason) for a local entry that is
+    not a usable regular file (a FIFO, a device, a dangling link …)."""
     if is_remote(uri):
         bucket, key = split_s3(uri)
         with _s3_errors(uri):
             head = s3_client().head_object(Bucket=bucket, Key=key)
         return FileEntry(uri, int(head["ContentLength"]), head["ETag"].strip('"'))
-    p = local_path(uri)
-    st = os.stat(p)
-    return FileEntry(p, st.st_size, str(st.st_mtime_ns))
+    e = localfs.stat_entry(local_path(uri))
+    if e.error:
+        raise BadEntry(e.error)
+    return FileEntry(e.path, e.size, e.version)
 
 
 def read_list_file(uri: str) -> list[str]:
@@ -344,6 +306,72 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_set(files: dict[str, bytes]) -> None:
+    """Write several files as one set: all of them, or (on a failure) none — the old set stays.
+
+    Local: every file goes to a hidden temp name beside its target first (written, fsynced); only
+    when all are written are they renamed into place, in the order given — put the file whose
+    presence marks a complete set last. A failure while writing (a full disk, a write error)
+    removes the temps and leaves every old file as it was. S3 has no rename: the objects are PUT in
+    the order given, each atomic; the bytes are all built before the first PUT, so only the
+    network can fail in between, and the marker goes last.
+    """
+    items = list(files.items())
+    if any(is_remote(uri) for uri, _ in items):
+        for uri, data in items:
+            atomic_write_bytes(uri, data)
+        return
+    staged: list[tuple[str, str]] = []
+    try:
+        for uri, data in items:
+            path = local_path(uri)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+            staged.append((tmp, path))
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in staged:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
+class UnwritableLocation(OSError):
+    """An output location that cannot be written (found before anything is computed)."""
+
+
+def probe_writable(uri: str, what: str = "output") -> None:
+    """Write and delete a small probe object under the folder / prefix ``uri``.
+
+    Raises :class:`UnwritableLocation` naming the location and the fix when ``uri`` is a file,
+    lies below a file, or cannot be created or written (read-only, denied, no such bucket).
+    """
+    probe = join(uri, f".cdi-ray-write-probe-{uuid.uuid4().hex}")
+    if not is_remote(uri):
+        path = local_path(uri)
+        existing = path
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if os.path.lexists(existing) and not os.path.isdir(existing):
+            where = "is" if existing == path else f"lies below {existing}, which is"
+            raise UnwritableLocation(f"{what}: {uri} {where} a file, not a folder — give a folder (it is created "
+                                     "if missing)")
+    try:
+        atomic_write_bytes(probe, b"cdi-ray write probe\n")
+        delete(probe)
+    except OSError as exc:
+        why = exc.strerror or str(exc) if not is_remote(uri) else str(exc)
+        raise UnwritableLocation(f"{what}: {uri} cannot be written ({why}) — give a writable folder or s3:// "
+                                 "prefix (and the permission to create it)") from None
 
 
 def parquet_bytes(table, metadata: dict[str, str] | None = None, compression: str = "zstd") -> bytes:

@@ -18,8 +18,11 @@ nothing::
     python jobs/audit.py manifest.yaml --dry-run
 
 Exit codes: 0 every audit done; 3 partial failure (some audits failed — recorded in results.json
-with their reason — the rest completed); 2 invalid input (bad manifest, unreadable manifest);
-1 internal error. The last line on stdout is a JSON summary.
+with their reason — the rest completed); 2 invalid input (bad manifest, unreadable manifest, an
+output location that cannot be written — found before anything is computed); 1 internal error;
+130 interrupted (SIGINT / Ctrl-C: the feature streams are stopped, every feature already stored
+is kept, and the same command again computes only the rest). The last line on stdout is a JSON
+summary, in every case.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import logging
 import sys
 import tempfile
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 #: Smoke test: enough images for the test to run (crossfit needs a few per fold), small enough
 #: to finish in well under a minute on a laptop CPU.
@@ -37,7 +40,8 @@ SMOKE_IMAGES_PER_SET = 12
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Exit codes: 0 done, 3 partial failure, 2 invalid input, 1 internal error.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Exit codes: 0 done, 3 partial failure, 2 invalid input, "
+                                                                         "1 internal error, 130 interrupted.")
     p.add_argument("manifest", nargs="?", help="manifest (YAML or JSON; local path or s3://)")
     p.add_argument("--out", help="output location (overrides the manifest's `output`)")
     p.add_argument("--feature-store", help="feature store location (default: the manifest's, else <output>/features)")
@@ -85,9 +89,10 @@ def smoke_manifest(workdir: str) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from cdi_ray import ManifestError, load_manifest, plan_manifest, run_manifest
+    from cdi_ray import ManifestError, load_manifest
     from cdi_ray.pipeline.cluster import ensure_ray
     from cdi_ray.spec import location_problems, output_root
+    from cdi_ray.storage import UnwritableLocation
 
     path = args.manifest or smoke_manifest(tempfile.mkdtemp(prefix="cdi-ray-smoke-"))
     root = output_root(getattr(args, "output_root", None))
@@ -99,6 +104,15 @@ def main(args: argparse.Namespace) -> dict:
     if outside:
         return {"exit_code": EXIT_INVALID, "error": "; ".join(outside)}
     ensure_ray(args.address, num_cpus=args.num_cpus)
+    try:
+        return _run(args, manifest)
+    except UnwritableLocation as exc:  # probed before anything is listed or computed
+        return {"exit_code": EXIT_INVALID, "error": str(exc)}
+
+
+def _run(args: argparse.Namespace, manifest) -> dict:
+    from cdi_ray import plan_manifest, run_manifest
+
     if getattr(args, "dry_run", False):
         plan = plan_manifest(manifest, args.out, feature_store=args.feature_store, rehash=args.rehash)
         failed = sum(a.error is not None for a in plan.audits.values())
@@ -118,12 +132,19 @@ if __name__ == "__main__":
     console.configure(args.verbose)
     try:
         result = main(args)
+    except KeyboardInterrupt:  # SIGINT: the streams were stopped (cdi_ray.pipeline.compute); stored features stay
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+        console.silence_ray_shutdown()
+        result = {"exit_code": EXIT_INTERRUPTED, "interrupted": True,
+                  "error": "interrupted (SIGINT): the feature streams were stopped; the features already stored are "
+                           "kept — run the same command again to compute only the rest"}
     except Exception:  # noqa: BLE001
         logging.getLogger("jobs.audit").exception("internal error")
         result = {"exit_code": EXIT_INTERNAL, "error": "internal error (see the log above)"}
     if result.get("error"):
         print(result["error"], file=sys.stderr)
-    print(json.dumps(result))
     from cdi_ray.pipeline.cluster import exit_process
 
-    exit_process(result["exit_code"])
+    exit_process(result["exit_code"], last_line=json.dumps(result))  # the JSON summary: the last line on stdout

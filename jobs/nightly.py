@@ -6,7 +6,9 @@
 Writes ``<root>/<YYYY-MM-DD>/{results.json,results.parquet,images.parquet,diff.json,diff.md}``;
 ``<root>`` defaults to the manifest's ``output`` and the feature store to ``<root>/features`` (shared
 by every night, so only new images and new models are computed). ``diff.md`` opens with the new
-``used`` verdicts. Scheduling (cron + ray job submit, KubeRay RayCronJob): docs/PIPELINE.md.
+``used`` verdicts. Each audit's ``used`` is controlled over its whole life (docs/VERDICTS.md §5);
+its state is ``<root>/<date>/sequential/<audit_id>.json``. Scheduling (cron + ray job submit,
+KubeRay RayCronJob): docs/PIPELINE.md.
 
 Exit codes: 0 every audit done; 3 partial failure; 2 invalid input; 1 internal error.
 The last line on stdout is a JSON summary (with ``new_used``).

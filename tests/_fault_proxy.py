@@ -8,7 +8,8 @@ optionally, the method:
 * :meth:`FaultProxy.fail` — the next ``len(faults)`` matching requests get those faults, in order:
   ``"slowdown"`` (503 SlowDown), ``"503"``, ``"500"`` (InternalError), ``"reset"`` (the TCP
   connection is reset before any response), ``"corrupt"`` (the real response with one byte of
-  the body flipped); later requests pass through;
+  the body flipped), ``"stall"`` (the real response, after :attr:`FaultProxy.stall_seconds` of
+  silence — a hung connection); later requests pass through;
 * :meth:`FaultProxy.deny` — every matching request gets 403 AccessDenied (a permanent error).
 
 Moto itself enforces bucket policies only in its IAM-authentication mode, which is switched on
@@ -25,6 +26,7 @@ import http.client
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -43,6 +45,7 @@ class FaultProxy:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.requests: Counter = Counter()
+        self.stall_seconds = 3.0
         self._rules: list[dict] = []
         self._lock = threading.Lock()
         proxy = self
@@ -64,6 +67,8 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.close()
                     return
+                if fault == "stall":
+                    time.sleep(proxy.stall_seconds)
                 if fault in _ERRORS:
                     status, code, message = _ERRORS[fault]
                     xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -69,11 +70,13 @@ def _stop_session(proc: subprocess.Popen) -> None:
 def ray_head_cluster():
     """Yield ``(dashboard address, environment for `ray job submit`)`` of a fresh head; stop it after."""
     temp_dir = tempfile.mkdtemp(prefix="cdihead-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # this interpreter's `ray` and `python` first, also when the suite runs without an activated venv
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
     cmd = [
-        "ray", "start", "--head", "--block", "--num-cpus=8", "--include-dashboard=true", "--disable-usage-stats",
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=8", "--include-dashboard=true", "--disable-usage-stats",
         f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
@@ -103,7 +106,7 @@ def ray_head_cluster():
 
 def submit(address: str, env: dict, repo: Path, args: list[str], timeout: int) -> subprocess.CompletedProcess:
     """``ray job submit --working-dir repo -- python ARGS…`` (waits for the job)."""
-    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(repo), "--", "python", *args]
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", str(repo), "--", "python", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=repo)
 
 

@@ -51,9 +51,10 @@ def models(tiny_pixel_dir, tmp_path_factory):
     return [str(tiny_pixel_dir), str(make_tiny_pixel_ddpm(tmp_path_factory.mktemp("m2") / "m2", image_size=16, channels=1, seed=1))]
 
 
-def manifest(models, data, out) -> dict:
+def manifest(models, data, out, pool: str = "auto") -> dict:
     """Two audits of the same collections on two models (two feature streams)."""
-    return {"models": {f"m{i}": {"uri": uri, "access": "gray-box", "batch_size": 2} for i, uri in enumerate(models)},
+    return {"models": {f"m{i}": {"uri": uri, "access": "gray-box", "batch_size": 2, "pool": pool}
+                       for i, uri in enumerate(models)},
             "audits": [{"id": f"f{i}", "model": f"m{i}", "published": str(data / "p"), "unpublished": str(data / "u"),
                         "overrides": FAST, "test": TEST} for i in range(len(models))],
             "output": str(out), "fdr": {"method": "none"}}
@@ -144,12 +145,14 @@ def test_killed_feature_actor_job_completes_with_identical_results(ray_session, 
     monkeypatch.setattr(streams_module, "ROWS_PER_BLOCK", 2)
     out = tmp_path / "out"
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(b=run_manifest(parse_manifest(manifest(models, data, out)))))
+    spec = parse_manifest(manifest(models, data, out, pool="actors"))  # an actor to kill, at this small size too
+    job = threading.Thread(target=lambda: result.update(b=run_manifest(spec)))
     job.start()
     # mid-run: the actor has published some rows, not all
-    wait_for(lambda: stored_rows(out / "features"), what="the first stored rows")
-    pids = feature_actor_pids()
-    assert pids and len(stored_rows(out / "features")) < ROWS, "the run finished before the kill"
+    wait_for(lambda: stored_rows(out / "features") or not job.is_alive(), what="the first stored rows")
+    # a live actor (between the two models' streams there may briefly be none)
+    pids = wait_for(lambda: feature_actor_pids() or (not job.is_alive() and [None]), what="a live feature actor")
+    assert None not in pids and len(stored_rows(out / "features")) < ROWS, "the run finished before the kill"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     job.join(timeout=300)

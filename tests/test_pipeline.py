@@ -58,7 +58,8 @@ def manifest_dict(models, data, out):
     common = {"overrides": FAST, "test": TEST}
     return {
         "models": {
-            "m1": {"uri": models["m1"], "access": "gray-box", "batch_size": 8, "max_replicas": 2},
+            # m1 in an actor pool, m2 (small, on CPU) in warm tasks: both ways are exactly-once
+            "m1": {"uri": models["m1"], "access": "gray-box", "batch_size": 8, "max_replicas": 2, "pool": "actors"},
             "m2": {"uri": models["m2"], "access": "gray-box", "batch_size": 16},
             "m3": {"uri": str(data / "u"), "access": "gray-box"},  # a folder of images, not a model
         },
@@ -97,8 +98,9 @@ def test_batch_dedup_reuse_and_crash_safety(ray_session, models, data, tmp_path)
     assert b.run["features"]["per_model"]["m1"]["computed"] == 28 + 19
     assert b.run["features"]["per_model"]["m2"]["computed"] == 20
     assert feats["computed"] == 67 and feats["decode_errors"] == 2 and feats["to_compute"] == 69
-    # the model is loaded once per actor, never more actors than the pool's max
-    assert 1 <= len(feats["per_model"]["m1"]["actors"]) <= 2 and len(feats["per_model"]["m2"]["actors"]) == 1
+    # m1: the model is loaded once per actor, never more actors than the pool's max; m2: warm task workers
+    assert 1 <= len(feats["per_model"]["m1"]["actors"]) <= 2
+    assert feats["per_model"]["m2"]["actors"] and all(a.startswith("task-") for a in feats["per_model"]["m2"]["actors"])
     # model-free descriptors (controls on by default): m1 and m2 share a geometry, so each of the 29
     # distinct contents (bad.png as an error row) is described once, in the decode stage of m1's stream
     assert b.run["descriptors"]["needed"] == 29 and b.run["descriptors"]["in_feature_streams"] == 29
@@ -388,6 +390,42 @@ def test_feature_actor_one_to_one_and_batch_invariant(tiny_pixel_dir, data):
     with pytest.raises(RuntimeError, match="one-to-one"):
         actor(bad)
     assert set(SUMMARY_SCHEMA.names).isdisjoint({"image", "features"})  # only counters reach the driver
+
+
+def test_warm_tasks_compute_what_the_actor_computes_and_keep_one_model(tiny_pixel_dir, data, tmp_path, monkeypatch):
+    """``warm_features`` (small CPU streams) gives the actor's rows; its worker process loads a
+    model once, whatever the configs, and holds one model at most."""
+    from cdi_ray.features.config import FeatureConfig
+    from cdi_ray.images import content_hash
+    from cdi_ray.models.fingerprint import model_fingerprint
+    from cdi_ray.pipeline import actors
+
+    other = make_tiny_pixel_ddpm(tmp_path / "other", image_size=16, channels=1, seed=5)
+    loads = []
+    original = actors.FeatureStage.load
+    monkeypatch.setattr(actors.FeatureStage, "load", lambda self: loads.append(self.model_uri) or original(self))
+    monkeypatch.setattr(actors, "_WARM_MODEL", {})
+
+    def kwargs(model, **overrides):
+        cfg = FeatureConfig(features="gray-box", overrides={**FAST, **overrides})
+        return dict(model_uri=str(model), fingerprint=model_fingerprint(model),
+                    configs={cfg.config_hash(): cfg.model_dump(mode="json", exclude={"device"})}), cfg.config_hash()
+
+    uris = [str(data / "u" / f"000{i}.png") for i in range(3)]
+    hashes = [content_hash(open(u, "rb").read()) for u in uris]
+    stage, key = kwargs(tiny_pixel_dir)
+    batch = actors.decode_batch({"uri": np.array(uris, dtype=object), "content_hash": np.array(hashes, dtype=object),
+                                 "configs": np.array([key] * 3, dtype=object)}, size=16, channels=1)
+    warm = actors.warm_features(batch, **stage)
+    assert warm.drop(["actor"]).equals(FeatureActor(**stage)(batch).drop(["actor"]))
+    assert set(warm.column("actor").to_pylist()) == {f"task-{os.getpid()}"}
+    loads.clear()
+    stage2, key2 = kwargs(tiny_pixel_dir, dl={"n_draws": 3})  # another config of the same model: no new load
+    actors.warm_features(dict(batch, configs=np.array([key2] * 3, dtype=object)), **stage2)
+    assert loads == []
+    stage3, key3 = kwargs(other)  # another model replaces it
+    actors.warm_features(dict(batch, configs=np.array([key3] * 3, dtype=object)), **stage3)
+    assert loads == [str(other)] and len(actors._WARM_MODEL) == 1
 
 
 def test_diff_highlights_new_used():

@@ -199,3 +199,13 @@ def test_unsupported_locations_fail_at_load_not_mid_run():
     assert "output: unsupported scheme 'hdfs://' in 'hdfs://o' — use a local path, file:// or s3://" in p
     assert any(s.startswith("audits[0].published: unsupported scheme 'gs://'") for s in p)
     assert "audits[0].unpublished: 's3:///x.png' names no bucket — write s3://BUCKET/PREFIX" in p
+
+
+def test_warm_task_pool_is_for_cpu_models_only():
+    data = base()
+    data["models"]["m"].update(pool="tasks", num_gpus=1)
+    p = problems(data)
+    assert any("pool 'tasks'" in s and "use pool: actors" in s for s in p), p
+    data["models"]["m"].update(pool="actors")
+    assert parse_manifest(data).models["m"].pool == "actors"
+    assert parse_manifest(base()).models["m"].pool == "auto"

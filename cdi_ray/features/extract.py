@@ -21,6 +21,7 @@ import torch
 
 from cdi_ray.features.config import FeatureConfig
 from cdi_ray.features.extractor import FeatureExtractor
+from cdi_ray.localfs import read_regular
 from cdi_ray.models.base import ImageMeta
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,15 @@ def extract_to_parquet(
                 raise ImageError(str(path), "has no caption, but the model is text-conditional; pass captions="
                                  "{file name: caption(s)}, or model_options={'missing_caption': 'empty'}")
 
+    from cdi_ray.sources.reading import max_image_bytes
+
     ids: list[str] = []
     hashes: list[str] = []
     columns: dict[str, list[np.ndarray]] = {c: [] for c in extractor.columns}
     for batch in _batches(files, batch_size):
         arrays, metas = [], []
         for path, label in batch:
-            data = path.read_bytes()
+            data = read_regular(str(path), max_image_bytes(), "image")  # a regular file, bounded in size
             h = content_hash(data)
             img = decode_image(data, name=str(path), mode=mode)
             arrays.append(preprocess(img, size=model.image_size, channels=model.image_channels))

@@ -11,7 +11,8 @@ module             job
                    ``imagesets``: resolved sources and store keys; ``rows``: the stream row
 ``compute``        5 · the feature streams and the descriptor streams (``streams``, ``actors``)
 ``aggregate``      6 · the tests and controls per audit (``aggregator``: the actor; ``payload``)
-``results``        7 · FDR, verdicts, results files, reports; ``nightly``: dated runs and diffs
+``results``        7 · FDR, verdicts, results files, reports; ``nightly``: dated runs and diffs;
+                   ``standing``: a standing audit's life-long look and its stored state
 ``cluster``        Ray start-up, tasks, the aggregator pool, the process's exit
 ``store``          the feature store; ``model_cache``: ``s3://`` models fetched once per node
 =================  ===================================================================

@@ -1,5 +1,5 @@
-"""The stages of the Ray Data streams (:mod:`cdi_ray.pipeline.streams` wires them), and the one thin
-actor adapter.
+"""The stages of the Ray Data streams (:mod:`cdi_ray.pipeline.streams` wires them), and the two thin
+adapters of the feature stage (an actor pool, or warm tasks).
 
 Feature stream per model::
 
@@ -8,14 +8,17 @@ Feature stream per model::
                                               check hash, decode, preprocess
                                               (+ model-free descriptors → the store, where asked)
       ── map_batches(FeatureActor, compute=ActorPoolStrategy(min, max), num_gpus=…)
+         or map_batches(warm_features, compute=TaskPoolStrategy(max))   (small CPU streams)
       ── map_batches(write_batch)             CPU tasks: one atomic part file per batch and config
       ── summary rows {key, cfg, status, error, actor}   (the driver only counts these)
 
 Descriptor stream: :func:`describe_batch` (decode, describe, publish to the store).
 
 :class:`FeatureStage` is Ray-free (``setup`` loads the model once, ``process`` maps a column batch
-to feature rows) and is unit-testable alone; :class:`FeatureActor` adapts it to ``map_batches``
-and checks that output rows map one-to-one onto (input row, config) pairs. Images are decoded
+to feature rows) and is unit-testable alone; :class:`FeatureActor` (one model load per actor) and
+:func:`warm_features` (one model per task worker process, kept between streams and runs) adapt
+it to ``map_batches``, and :func:`feature_table` checks that output rows map one-to-one onto
+(input row, config) pairs. Images are decoded
 and preprocessed in CPU tasks, not in the actor, so GPU actors only run the model. (Ray Data fuses
 a task stage into the next actor stage when their resources match: with ``num_gpus: 0`` the
 decode runs inside the CPU feature actors, which saves a copy; with GPUs it stays in CPU tasks.)
@@ -231,13 +234,13 @@ class FeatureStage:
     load_options: dict = field(default_factory=dict)
     max_batch_mb: float | None = None
 
-    def setup(self) -> None:
+    def setup(self, model=None) -> None:
+        """Load the model (or take ``model``, loaded earlier with this stage's model settings) and
+        build one extractor per config."""
         from cdi_ray.features.config import FeatureConfig
         from cdi_ray.features.extractor import FeatureExtractor
-        from cdi_ray.models.loader import load_model
 
-        path = materialize_model(self.model_uri)
-        self.model = load_model(path, device=self.device, dtype=self.dtype, **self.load_options)
+        self.model = model if model is not None else self.load()
         if self.model.fingerprint != self.fingerprint:
             raise RuntimeError(
                 f"model {self.model_uri} changed during the run (fingerprint {self.model.fingerprint[:12]}… "
@@ -247,6 +250,17 @@ class FeatureStage:
             key: FeatureExtractor(self.model, FeatureConfig(**kwargs, device=self.device))
             for key, kwargs in self.configs.items()
         }
+
+    def load(self):
+        """The model, loaded from ``model_uri`` with this stage's device, dtype and load options."""
+        from cdi_ray.models.loader import load_model
+
+        return load_model(materialize_model(self.model_uri), device=self.device, dtype=self.dtype, **self.load_options)
+
+    @property
+    def model_key(self) -> tuple:
+        """What identifies the loaded model: stages with the same key can share it."""
+        return (self.model_uri, self.fingerprint, self.device, self.dtype, repr(sorted(self.load_options.items())))
 
     def process(self, batch: dict[str, np.ndarray]) -> list[FeatureRow]:
         """One :class:`FeatureRow` per (image, config the image asks for), keyed by the image's store key.
@@ -305,7 +319,7 @@ def image_metas(images: list[rows.ImageRow]) -> list:
 
 
 class FeatureActor:
-    """``map_batches`` adapter: ``FeatureStage`` loaded in ``__init__``, one call per batch.
+    """``map_batches`` adapter of an actor pool: ``FeatureStage`` loaded in ``__init__``, one call per batch.
 
     Every output row is tagged with this actor's id; the number of ``ok`` rows is the number of
     feature computations (what the de-duplication tests count).
@@ -322,17 +336,44 @@ class FeatureActor:
             self.actor_id = f"local-{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        missing = [c for c in DECODED_COLUMNS if c not in batch]
-        if missing:
-            raise KeyError(f"FeatureActor needs columns {list(DECODED_COLUMNS)}; missing {missing}")
-        out = self.stage.process(batch)
-        # One-to-one: every (input image, requested config) exactly once, nothing else.
-        expected = sorted((r.key, c) for r in rows.decode(batch) for c in r.configs)
-        if sorted((r.key, r.config) for r in out) != expected:
-            raise RuntimeError(f"feature rows do not map one-to-one onto inputs ({len(out)} rows for {len(expected)} expected)")
-        cols = list(zip(*out)) if out else [[]] * 5
-        return pa.table([*(pa.array(c, t.type) for c, t in zip(cols, FEATURE_SCHEMA)),
-                         pa.array([self.actor_id] * len(out), pa.string())], schema=FEATURE_SCHEMA)
+        return feature_table(self.stage, batch, self.actor_id)
+
+
+#: The model a task worker process loaded last (``FeatureStage.model_key`` → model): at most one.
+_WARM_MODEL: dict[tuple, Any] = {}
+
+
+def warm_features(batch: dict[str, np.ndarray], **stage_kwargs: Any) -> pa.Table:
+    """``map_batches`` function of a stream in warm tasks (``pool: tasks``; ``auto`` for a small CPU stream).
+
+    Ray keeps task worker processes between tasks, streams and runs of one driver, so the model
+    stack (torch, diffusers: ≈ 6 s of CPU to import) is imported once per worker process, and the
+    last model used stays loaded there — where an actor pool would start a new process, import
+    and load for every stream. Rows are tagged with the worker process (``task-<pid>``).
+    """
+    stage = FeatureStage(**stage_kwargs)
+    model = _WARM_MODEL.get(stage.model_key)
+    if model is None:
+        _WARM_MODEL.clear()  # one model per worker process at most
+        model = _WARM_MODEL[stage.model_key] = stage.load()
+    stage.setup(model)
+    return feature_table(stage, batch, f"task-{os.getpid()}")
+
+
+def feature_table(stage: FeatureStage, batch: dict[str, np.ndarray], worker: str) -> pa.Table:
+    """The stage's feature rows for one decoded batch, checked one-to-one against its inputs, tagged
+    with the ``worker`` (actor or process) that computed them."""
+    missing = [c for c in DECODED_COLUMNS if c not in batch]
+    if missing:
+        raise KeyError(f"the feature stage needs columns {list(DECODED_COLUMNS)}; missing {missing}")
+    out = stage.process(batch)
+    # One-to-one: every (input image, requested config) exactly once, nothing else.
+    expected = sorted((r.key, c) for r in rows.decode(batch) for c in r.configs)
+    if sorted((r.key, r.config) for r in out) != expected:
+        raise RuntimeError(f"feature rows do not map one-to-one onto inputs ({len(out)} rows for {len(expected)} expected)")
+    cols = list(zip(*out)) if out else [[]] * 5
+    return pa.table([*(pa.array(c, t.type) for c, t in zip(cols, FEATURE_SCHEMA)),
+                     pa.array([worker] * len(out), pa.string())], schema=FEATURE_SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------------

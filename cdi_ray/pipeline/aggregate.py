@@ -17,7 +17,7 @@ can resolve its smallest threshold (:func:`batch_max_permutations`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cdi_ray.pipeline import cluster
 from cdi_ray.pipeline.aggregator import AuditAggregator, AuditOutcome, AuditTask
@@ -91,6 +91,11 @@ def in_driver(plan: BatchPlan) -> bool:
     return sum(r.images for r in _runs(plan)) <= DRIVER_AGGREGATION_IMAGES
 
 
+def _aggregators(n: int) -> list:
+    """``n`` aggregator actors from the driver's pool (kept across runs: each imports the statistics stack once)."""
+    return cluster.actor_pool(AuditAggregator, n, num_cpus=1, max_restarts=1, max_task_retries=1)
+
+
 def start_aggregators(plan: BatchPlan, max_aggregators: int = MAX_AGGREGATORS) -> None:
     """Start the aggregator actors now and let them import the statistics stack, so that their
     start-up overlaps the feature computation instead of following it (not for a batch
@@ -98,11 +103,11 @@ def start_aggregators(plan: BatchPlan, max_aggregators: int = MAX_AGGREGATORS) -
     runs = [a.main for a in plan.audits.values() if a.main is not None]
     if runs and not in_driver(plan):
         groups = len({(r.fingerprint, r.feature_key) for r in runs})
-        for actor in cluster.aggregator_pool(min(max_aggregators, groups, -(-len(runs) // AUDITS_PER_AGGREGATOR))):
+        for actor in _aggregators(min(max_aggregators, groups, -(-len(runs) // AUDITS_PER_AGGREGATOR))):
             actor.warm_up.remote()
 
 
-def _task(audit, plan: AuditPlan, run: AuditRun, manifest, options: dict) -> AuditTask:
+def _task(audit, plan: AuditPlan, run: AuditRun, manifest, options: dict, standing=None) -> AuditTask:
     """The aggregator's task for one run of ``audit``."""
     from cdi_ray.controls.model_free import control_seed
     from cdi_ray.controls.reference import REFERENCE_MODEL
@@ -116,7 +121,9 @@ def _task(audit, plan: AuditPlan, run: AuditRun, manifest, options: dict) -> Aud
                      audit.seed, options, controls={"model_free": {"alpha": ctl.alpha}} if ctl.model_free else {},
                      descriptor_key=plan.descriptor_key,
                      calibration=(plan.reference.fingerprint, plan.reference.feature_key) if calibrated else None,
-                     calibration_sets=(plan.reference.published, plan.reference.unpublished) if calibrated else None)
+                     calibration_sets=(plan.reference.published, plan.reference.unpublished) if calibrated else None,
+                     standing=replace(standing, fingerprint=run.fingerprint, feature_key=run.feature_key)
+                     if standing is not None else None)
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,10 @@ class AuditTasks:
     max_permutations: int | None
 
 
-def audit_tasks(plan: BatchPlan, manifest, features: FeatureCounts) -> AuditTasks:
-    """Each audit's own run and its reference run as aggregator tasks, with the batch's permutation cap."""
+def audit_tasks(plan: BatchPlan, manifest, features: FeatureCounts, standing: dict | None = None) -> AuditTasks:
+    """Each audit's own run and its reference run as aggregator tasks, with the batch's permutation cap;
+    ``standing`` (audit id → :class:`~cdi_ray.pipeline.standing.StandingAudit`) makes those audits take
+    their nightly look."""
     failed: dict[str, str] = {}
     for a in manifest.audits:
         ap = plan.audits[a.id]
@@ -150,19 +159,20 @@ def audit_tasks(plan: BatchPlan, manifest, features: FeatureCounts) -> AuditTask
         runs = [ap.main] + ([ap.reference] if ap.reference and ap.reference.fingerprint not in features.failed_fingerprints else [])
         for run in runs:
             group = (run.fingerprint, run.feature_key)
-            groups.setdefault(group, []).append(_task(a, ap, run, manifest, test_options(a.test, cap)))
+            groups.setdefault(group, []).append(_task(a, ap, run, manifest, test_options(a.test, cap),
+                                                      (standing or {}).get(a.id)))
             columns[group] = list(run.columns)
     return AuditTasks(groups, columns, failed, cap)
 
 
 def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: str, *,
-              max_aggregators: int = MAX_AGGREGATORS) -> AuditOutcomes:
-    """Run every audit's runs (see the module docstring)."""
+              max_aggregators: int = MAX_AGGREGATORS, standing: dict | None = None) -> AuditOutcomes:
+    """Run every audit's runs (see the module docstring and :func:`audit_tasks`)."""
     import ray
 
     from cdi_ray.controls.reference import reference_control
 
-    tasks = audit_tasks(plan, manifest, features)
+    tasks = audit_tasks(plan, manifest, features, standing)
     groups, columns, failed, cap = tasks.groups, tasks.columns, tasks.failed, tasks.max_permutations
     outcomes: dict[tuple[str, Role], AuditOutcome] = {}
     if groups and in_driver(plan):
@@ -171,7 +181,7 @@ def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: st
                 outcomes[(o.audit_id, o.role)] = o
     elif groups:
         n_tasks = sum(len(t) for t in groups.values())
-        actors = cluster.aggregator_pool(min(max_aggregators, len(groups), -(-n_tasks // AUDITS_PER_AGGREGATOR)))
+        actors = _aggregators(min(max_aggregators, len(groups), -(-n_tasks // AUDITS_PER_AGGREGATOR)))
         order = sorted(groups, key=lambda g: -len(groups[g]))
         pending = {actors[i % len(actors)].run_tasks.remote(store_root, fp, key, columns[(fp, key)], groups[(fp, key)],
                                                             plan.transient_dir): (fp, key)
@@ -183,7 +193,7 @@ def aggregate(plan: BatchPlan, manifest, features: FeatureCounts, store_root: st
                 for o in ray.get(ready[0]):
                     outcomes[(o.audit_id, o.role)] = o
             except Exception as exc:  # noqa: BLE001 — the group's audits fail, the others go on
-                cluster.drop_aggregator_pool()  # do not reuse a pool that lost an actor
+                cluster.drop_actor_pool(AuditAggregator)  # do not reuse a pool that lost an actor
                 for t in groups[group]:
                     outcomes[(t.audit_id, t.role)] = AuditOutcome(t.audit_id, "failed", role=t.role,
                                                                   error=f"aggregator failed: {cluster.one_line(exc)}")

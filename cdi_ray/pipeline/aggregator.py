@@ -19,10 +19,12 @@ Per audit:
 4. the distribution-shift controls the audit asks for (on by default): the model-free control
    (:func:`cdi_ray.controls.model_free_control`) on the stored descriptors of the *same* images,
    read from the store's descriptor partition of the model's preprocessing geometry;
-5. for the audit's own run, the report payload (:mod:`cdi_ray.pipeline.payload`).
+5. for a standing audit re-tested every night, its life-long look, whose state is stored
+   before the audit counts as done (:mod:`cdi_ray.pipeline.standing`);
+6. for the audit's own run, the report payload (:mod:`cdi_ray.pipeline.payload`).
 
 Any exception in an audit fails that audit alone. Ray-free: the pipeline wraps
-:class:`AuditAggregator` as an actor (:func:`cdi_ray.pipeline.cluster.aggregator_pool`).
+:class:`AuditAggregator` as an actor (:func:`cdi_ray.pipeline.cluster.actor_pool`).
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ class AuditJob:
     calibration_keys: tuple[tuple[str, str], ...] = ()
     #: the audit's own test (its report is made) or a control's run of it.
     role: Role = Role.AUDIT
+    #: a standing audit's nightly look (:class:`cdi_ray.pipeline.standing.StandingAudit`); None: a plain run.
+    standing: Any = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class AuditTask:
     #: ``(reference fingerprint, its config key)`` and the reference run's image sets (reference calibration).
     calibration: tuple[str, str] | None = None
     calibration_sets: tuple[ImageSet, ImageSet] | None = None
+    standing: Any = None
 
 
 @dataclass
@@ -116,6 +121,8 @@ class AuditOutcome:
     #: :func:`cdi_ray.pipeline.payload.report_payload` (JSON-safe; None for a failed audit).
     report: dict | None = None
     role: Role = Role.AUDIT
+    #: a standing audit's life-long decision (:class:`cdi_ray.pipeline.standing.NightlyLook`).
+    sequential: Any = None
 
 
 def _select(refs: tuple[ImageRef, ...], which: str, unusable: list[dict]) -> dict[str, ImageRef]:
@@ -157,6 +164,21 @@ def select_rows(job: AuditJob, rows: dict[str, int], status: list[str], errors: 
         picked[which] = keep
     unusable.sort(key=lambda d: (d["set"], d["uri"]))
     return picked["published"], picked["unpublished"], unusable
+
+
+def overlap_problem(n_published: int, n_unpublished: int, unusable: list[dict]) -> str | None:
+    """Why an audit cannot run when a side is empty because its images are all in the other set too
+    (``in_both_sets``) — the manifest names the same images twice; None otherwise."""
+    both = {d["content_hash"] for d in unusable if d["reason"].startswith("in_both_sets")}
+    empty = [side for side, n in (("published", n_published), ("unpublished", n_unpublished)) if n == 0]
+    if not both or not empty:
+        return None
+    if len(empty) == 2:
+        what = f"every image was in both sets: the {len(both)} usable image(s) of published and unpublished are the same"
+    else:
+        what = f"every usable {empty[0]} image is also in the other set ({len(both)} image(s) in both sets)"
+    return (f"{what} — an image in both sets is evidence for neither side and is dropped from both, leaving nothing "
+            "to compare; check that published and unpublished name different collections")
 
 
 def rows_by_content(job: AuditJob, rows: dict[str, int]) -> dict[str, int]:
@@ -284,7 +306,7 @@ class _Reader:
                           if t.content_hash and t.store_key != r.store_key)
         return AuditJob(task.audit_id, published, unpublished, task.procedure, task.alpha, task.seed, dict(task.options),
                         controls=dict(task.controls), descriptor_key=task.descriptor_key, calibration=task.calibration,
-                        calibration_keys=pairs, role=task.role)
+                        calibration_keys=pairs, role=task.role, standing=task.standing)
 
 
 def read_jobs(tasks: list[AuditTask], transient_dir: str | None = None) -> list[AuditJob]:
@@ -295,7 +317,7 @@ def read_jobs(tasks: list[AuditTask], transient_dir: str | None = None) -> list[
 
 
 class AuditAggregator:
-    """Runs groups of audit runs that share a store partition (a Ray actor: :func:`cdi_ray.pipeline.cluster.aggregator_pool`)."""
+    """Runs groups of audit runs that share a store partition (a Ray actor: :func:`cdi_ray.pipeline.cluster.actor_pool`)."""
 
     def warm_up(self) -> None:
         """Import the statistics stack (SciPy, scikit-learn: seconds) before the first group arrives;
@@ -365,9 +387,17 @@ class AuditAggregator:
             return AuditOutcome(job.audit_id, "failed", error=f"{type(exc).__name__}: {exc}", role=job.role)
         out = AuditOutcome(job.audit_id, "failed", n_published=len(P), n_unpublished=len(U), unusable=unusable,
                            role=job.role)
+        overlap = overlap_problem(len(P), len(U), unusable)
+        if overlap:
+            out.error = overlap
+            return out
         try:
             out.result = run_test(P, U, procedure=job.procedure, alpha=job.alpha, seed=job.seed, **job.options)
             out.controls = run_controls(job, hp, hu, descriptors)
+            if job.standing is not None and job.role is Role.AUDIT:  # no verdict without its stored state
+                from cdi_ray.pipeline.standing import take_look
+
+                out.sequential = take_look(job.standing, P, U, hp, hu)
             out.status = "done"
         except Exception as exc:  # noqa: BLE001 — one audit's failure never stops the others
             out.error = f"{type(exc).__name__}: {exc}"

@@ -3,7 +3,7 @@
 * :func:`ensure_ray` — join ``$RAY_ADDRESS`` (``ray job submit`` sets it) or start a local Ray;
 * :func:`call` / :func:`call_many` — run a Ray-free function of the pipeline as a Ray task, so
   that what it holds per image lives on a worker, never on the driver;
-* :func:`aggregator_pool` — the aggregator actors, kept across runs of one driver;
+* :func:`actor_pool` — actor pools kept across runs of one driver (the aggregators);
 * :func:`local_progress` — the progress bar of a CLI run on a local Ray;
 * :func:`prefetch_imports` — import what later stages of the driver need while it waits on Ray;
 * :func:`exit_process` — how a command-line process ends: Ray stopped, output flushed, no teardown.
@@ -32,7 +32,7 @@ MAX_IN_FLIGHT = 64
 
 #: Whether ensure_ray started a local Ray (our progress bar) or joined a cluster (Ray Data's bars).
 _RAY = {"local": False}
-_POOL: dict = {}
+_POOLS: dict[str, dict] = {}  # actor class name → {job, actors}
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -54,11 +54,12 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     _RAY["local"] = not address
 
 
-def exit_process(code: int) -> None:
+def exit_process(code: int, last_line: str | None = None) -> None:
     """End a command-line process (``jobs/*.py``, ``python -m cdi_ray``) now: stop the Ray it
     started, flush the output and logs, and exit without the interpreter's teardown, which takes
     seconds once torch and Ray Data are loaded (module by module, thread by thread) and does
-    nothing a finished command needs."""
+    nothing a finished command needs. ``last_line`` is printed after Ray is stopped, so that no
+    forwarded worker log can follow it: it is the last line on stdout."""
     import sys
 
     if "ray" in sys.modules:
@@ -66,6 +67,8 @@ def exit_process(code: int) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
+    if last_line is not None:
+        print(last_line)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -147,24 +150,23 @@ def call_many(fn: Callable[..., T], arguments: Iterable[tuple], *, num_cpus: flo
             results[i] = cause(exc)
 
 
-def aggregator_pool(n: int) -> list:
-    """``n`` aggregator actors, reused across ``run_manifest`` calls of this driver (each pays
-    its imports once); the pool is dropped when Ray is re-initialised or an actor failed."""
+def actor_pool(cls: type, n: int, **options) -> list:
+    """``n`` actors of ``cls`` (``options`` for ``ray.remote``), kept across ``run_manifest`` calls of
+    this driver (each pays its imports once); a pool is dropped when Ray is re-initialised or when
+    :func:`drop_actor_pool` says an actor of it failed."""
     import ray
-
-    from cdi_ray.pipeline.aggregator import AuditAggregator
 
     ctx = ray.get_runtime_context()
     job = (ctx.get_session_name(), ctx.get_job_id())  # a new Ray (even one reusing job ids) → a new pool
-    if _POOL.get("job") != job:
-        _POOL.clear()
-        _POOL.update(job=job, actors=[])
-    aggregator = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(AuditAggregator)
-    while len(_POOL["actors"]) < n:
-        _POOL["actors"].append(aggregator.remote())
-    return _POOL["actors"][:n]
+    pool = _POOLS.get(cls.__qualname__)
+    if pool is None or pool["job"] != job:
+        pool = _POOLS[cls.__qualname__] = {"job": job, "actors": []}
+    remote = ray.remote(**options)(cls)
+    while len(pool["actors"]) < n:
+        pool["actors"].append(remote.remote())
+    return pool["actors"][:n]
 
 
-def drop_aggregator_pool() -> None:
-    """Forget the pool (an actor of it failed: do not reuse it)."""
-    _POOL.clear()
+def drop_actor_pool(cls: type) -> None:
+    """Forget the pool of ``cls`` (an actor of it failed: do not reuse it)."""
+    _POOLS.pop(cls.__qualname__, None)

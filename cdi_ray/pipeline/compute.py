@@ -2,7 +2,8 @@
 
 Up to ``max_concurrent_models`` streams run at once (driver threads), each with its own
 autoscaling actor pool, so one model's start-up (actor launch, weight load) and tail overlap
-another's steady state. A stream that fails (e.g. its model cannot be loaded in the actor) fails
+another's steady state. An interrupt (Ctrl-C) in the driver stops every stream at its next batch
+without waiting for it; the rows already published stay in the store for the next run. A stream that fails (e.g. its model cannot be loaded in the actor) fails
 the runs on that model only. Afterwards, the model-free descriptors that no feature stream
 computed — their images' features were stored by an earlier run, or a stream failed — get a
 descriptor-only stream per preprocessing geometry.
@@ -10,6 +11,7 @@ descriptor-only stream per preprocessing geometry.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,15 +62,18 @@ def compute_features(plan: BatchPlan, manifest, store_root: str, *,
     per_model: dict[str, StreamCounts] = {}
     failed: dict[str, str] = {}
 
+    stop = threading.Event()
+
     def one(name: str) -> StreamCounts:
         stream = plan.streams[name]
         log.info("model %s: computing %d images", name, stream.images)
         return streams.feature_stream(stream, manifest.models[name], store_root, plan.transient_dir,
-                                      progress=cluster.local_progress(stream.images, f"features {name}"))
+                                      progress=cluster.local_progress(stream.images, f"features {name}"), stop=stop)
 
     names = sorted(plan.streams)
     if names:
-        with ThreadPoolExecutor(max(1, min(max_concurrent_models, len(names)))) as pool:
+        pool = ThreadPoolExecutor(max(1, min(max_concurrent_models, len(names))))
+        try:
             futures = {name: pool.submit(one, name) for name in names}
             for name, fut in futures.items():
                 try:
@@ -77,6 +82,13 @@ def compute_features(plan: BatchPlan, manifest, store_root: str, *,
                     cause = cluster.cause(exc)
                     failed[name] = f"feature computation for model {name!r} failed: {type(cause).__name__}: {cause}"
                     log.error(failed[name])
+        except BaseException:
+            # Ctrl-C (KeyboardInterrupt lands here, in the waiting driver thread): stop every stream at its
+            # next batch and do not wait for them — what they published is in the store, atomically.
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     return FeatureCounts(per_model, failed, {plan.streams[n].fingerprint: why for n, why in failed.items()})
 
 

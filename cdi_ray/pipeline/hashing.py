@@ -92,14 +92,17 @@ def images_to_hash(parts: list[str], store_root: str, todo_dir: str, rehash: boo
 def _read_hash(uri: str) -> tuple[str | None, int | None, str | None]:
     """``(content hash, size, None)`` of one object, or ``(None, None, why not)``."""
     from cdi_ray.images import content_hash
+    from cdi_ray.sources.reading import read_image
 
     try:
-        data = storage.read_bytes(uri)
+        data = read_image(uri)  # bounded in size and time: a FIFO or a device is never read
         return content_hash(data), len(data), None
     except FileNotFoundError:
         return None, None, "missing: the file does not exist"
     except PermissionError as exc:
         return None, None, f"access_denied: {exc}"
+    except (storage.BadEntry, storage.TooLarge, TimeoutError) as exc:  # messages are named reasons already
+        return None, None, str(exc)
     except Exception as exc:  # noqa: BLE001 — reported per image, retried next run
         return None, None, f"unreadable: {type(exc).__name__}: {exc}"
 

@@ -6,9 +6,15 @@ Layout under the nightly root (default: the manifest's ``output``)::
                                      names its own ``feature_store``)
     <root>/<YYYY-MM-DD>/results.json results.parquet images.parquet   (as ``run_manifest`` writes)
     <root>/<YYYY-MM-DD>/diff.json    diff.md                           against the latest earlier night
+    <root>/<YYYY-MM-DD>/sequential/<audit_id>.json                     each standing audit's life-long state
 
 Because the store is shared and keyed by content, a night computes features only for images and
 models that are new since the last night; everything else is read back.
+
+Every audit of a nightly run is a *standing* audit: its ``used`` is decided by the life-long rule
+(:mod:`cdi_ray.pipeline.standing`, docs/VERDICTS.md §5), which keeps the chance of a false
+``used`` on any night ≤ the audit's α however many nights it runs; a night that brings no new
+images takes no look and spends no α.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from datetime import datetime, timezone
 from cdi_ray import storage
 from cdi_ray.pipeline.results import (DIFF_JSON, DIFF_MD, RESULTS_JSON, diff_markdown, diff_results, read_results,
                                      write_index)
+from cdi_ray.pipeline.standing import carry_forward, standing_audits
 from cdi_ray.spec import Manifest
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -28,10 +35,15 @@ def today() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d")
 
 
+def complete(night_dir: str) -> bool:
+    """Whether a night finished: its ``results.json`` (written last) exists."""
+    return DATE.match(storage.basename(night_dir)) is not None and storage.exists(storage.join(night_dir, RESULTS_JSON))
+
+
 def previous_night(root: str, date: str) -> str | None:
     """The latest ``<root>/<date'>`` with ``date' < date`` that holds a complete ``results.json``."""
     for name in reversed(storage.list_subdirs(root)):
-        if DATE.match(name) and name < date and storage.exists(storage.join(root, name, RESULTS_JSON)):
+        if name < date and complete(storage.join(root, name)):
             return storage.join(root, name)
     return None
 
@@ -52,7 +64,9 @@ def run_nightly(manifest: Manifest, *, date: str | None = None, root: str | None
     out = storage.join(root, date)
     store = feature_store or manifest.feature_store or storage.join(root, "features")
     prev_dir = previous_night(root, date)
-    batch = run_manifest(manifest, out, feature_store=store, **run_kwargs)
+    standing = standing_audits(manifest, root, date, out, complete)
+    batch = run_manifest(manifest, out, feature_store=store, standing=standing, **run_kwargs)
+    carry_forward(standing, {a["audit_id"] for a in batch.audits if "sequential" in a})
     previous = read_results(prev_dir) if prev_dir else None
     diff = diff_results(previous, batch.to_dict())
     storage.atomic_write_bytes(storage.join(out, DIFF_JSON), json.dumps(diff, indent=2).encode())

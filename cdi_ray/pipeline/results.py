@@ -15,7 +15,9 @@ statistic, effect_size, auc, direction, procedure, calibrated, alpha, seed, erro
 controls_fired`` (comma-separated names of the controls that fired, "" if none), ``controls``
 (per control run: ``name, fired, pvalue, alpha, reason, n_published, n_unpublished, statistic,
 auc, separating`` — the best-separating descriptors with their AUC), ``n_unusable,
-unusable_images``. The verdict policy is :func:`cdi_ray.stats.verdict` (docs/VERDICTS.md).
+unusable_images``; a nightly run adds ``sequential`` (the standing audit's night, look and α
+spent: :class:`cdi_ray.pipeline.standing.NightlyLook`). The verdict policy is
+:func:`cdi_ray.stats.verdict` (docs/VERDICTS.md).
 
 The FDR adjustment runs over the audits that produced a p-value (failed audits are excluded);
 with ``fdr.method: none`` each audit is judged at its own alpha.
@@ -125,7 +127,9 @@ def build_entries(outcomes: list[dict], *, fdr_method: str, q: float) -> tuple[l
             if o.get("min_samples") is not None:
                 kwargs["min_samples"] = o["min_samples"]
             controls = o.get("controls") or []
-            if fdr_method == "none":
+            if o.get("sequential") is not None:  # a standing audit: its life-long rule at its own α decides
+                v = verdict(r, alpha=o["alpha"], controls=controls, lifelong=o["sequential"].look, **kwargs)
+            elif fdr_method == "none":
                 v = verdict(r, alpha=o["alpha"], controls=controls, **kwargs)
             else:
                 v = verdict(r, alpha=q, p_adjusted=1.0 if p_adj is None else p_adj, controls=controls, **kwargs)
@@ -161,6 +165,7 @@ def build_entries(outcomes: list[dict], *, fdr_method: str, q: float) -> tuple[l
             "controls": [c.to_dict(top=TOP_DESCRIPTORS) for c in controls],
             "n_unusable": len(unusable),
             "unusable_images": unusable,
+            **({"sequential": o["sequential"].to_dict()} if o.get("sequential") is not None else {}),
         })
     fdr = {"method": fdr_method, "q": q, "n_tested": sum(p is not None for p in pvalues)}
     return entries, fdr
@@ -176,6 +181,7 @@ def audit_rows(manifest, plan, models, outcomes) -> list[dict]:
             "audit_id": a.id, "model": a.model, "model_fingerprint": info.fingerprint if info else None,
             "feature_key": ap.main.feature_key if ap.main else None,
             "status": o.status, "result": o.result, "error": o.error, "controls": o.controls,
+            "sequential": o.sequential,
             "n_published": o.n_published, "n_unpublished": o.n_unpublished, "unusable": o.unusable,
             "alpha": a.test.alpha, "seed": a.seed, "procedure": a.test.procedure, "min_samples": a.test.min_samples,
             "feature_calibration": "reference:" + ref if a.calibration == "reference" else "none",
@@ -247,15 +253,18 @@ def _parquet(rows: list[dict], schema: dict[str, pa.DataType]) -> bytes:
 
 
 def write_results(batch: BatchResult) -> None:
-    """``results.json``, ``results.parquet`` and ``images.parquet`` under ``batch.output`` (each atomic).
+    """``results.json``, ``results.parquet`` and ``images.parquet`` under ``batch.output``, as one set.
 
-    The JSON goes last: its presence marks a complete set.
+    Every file is built in memory first (a value that cannot be stored fails here, before anything
+    is written), then written with :func:`cdi_ray.storage.atomic_write_set` — temp names, renamed
+    into place only when all are written, the JSON last: its presence marks a complete set, and a
+    failure leaves the previous set as it was, never a mix of old and new files.
     """
     images = [{"audit_id": a["audit_id"], **img} for a in batch.audits for img in a["unusable_images"]]
-    storage.atomic_write_bytes(storage.join(batch.output, RESULTS_PARQUET), _parquet(batch.audits, ENTRY_COLUMNS))
-    storage.atomic_write_bytes(storage.join(batch.output, IMAGES_PARQUET), _parquet(images, IMAGE_COLUMNS))
     text = json.dumps(batch.to_dict(), indent=2, sort_keys=False, allow_nan=False)
-    storage.atomic_write_bytes(storage.join(batch.output, RESULTS_JSON), text.encode())
+    storage.atomic_write_set({storage.join(batch.output, RESULTS_PARQUET): _parquet(batch.audits, ENTRY_COLUMNS),
+                              storage.join(batch.output, IMAGES_PARQUET): _parquet(images, IMAGE_COLUMNS),
+                              storage.join(batch.output, RESULTS_JSON): text.encode()})
 
 
 def read_results(output: str) -> dict:

@@ -63,6 +63,13 @@ class Run:
         output = out or manifest.output
         return cls(output, feature_store or manifest.store_uri(output), storage.join(output, PLAN_DIR))
 
+    def check_writable(self) -> None:
+        """Probe the output and the feature store before anything is computed: a location that is a
+        file, read-only or denied fails now (:class:`cdi_ray.storage.UnwritableLocation`), not after
+        every feature was computed."""
+        storage.probe_writable(self.output, "output")
+        storage.probe_writable(self.store, "feature store")
+
     def lap(self, name: str) -> None:
         """Record the seconds since the previous lap as stage ``name``."""
         now = time.time()
@@ -107,13 +114,16 @@ def plan_manifest(manifest: Manifest, out: str | None = None, *, feature_store: 
     The plan is written under ``<output>/plan/`` (``plan.json``: per model the images and rows it
     would compute, per audit its status). Arguments as :func:`run_manifest`.
     """
+    run = Run.of(manifest, out, feature_store)
+    run.check_writable()
     cluster.ensure_ray()
-    return plan_stages(manifest, Run.of(manifest, out, feature_store), rehash)[3]
+    return plan_stages(manifest, run, rehash)[3]
 
 
 def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: str | None = None,
                  rehash: bool = False, max_aggregators: int = MAX_AGGREGATORS,
-                 max_concurrent_models: int = MAX_CONCURRENT_MODELS, write: bool = True) -> BatchResult:
+                 max_concurrent_models: int = MAX_CONCURRENT_MODELS, write: bool = True,
+                 standing: dict | None = None) -> BatchResult:
     """Run every audit of ``manifest``; write results under ``out`` (default ``manifest.output``).
 
     Args:
@@ -127,11 +137,20 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
         max_aggregators (`int`, *optional*): most aggregator actors.
         max_concurrent_models (`int`, *optional*): model streams run at the same time.
         write (`bool`, *optional*, defaults to True): write the results files and reports.
+        standing (`dict`, *optional*): audit id → :class:`~cdi_ray.pipeline.standing.StandingAudit`
+            for a nightly run (:func:`~cdi_ray.pipeline.nightly.run_nightly`): those audits' verdicts
+            come from their life-long rule, whose state is stored before the results.
 
     Returns:
         :class:`BatchResult`; ``.exit_code`` is 0 if every audit is done, 3 if some failed.
+
+    Raises:
+        cdi_ray.storage.UnwritableLocation: the output or the feature store cannot be written
+            (probed first, before anything is listed or computed).
+        KeyboardInterrupt: Ctrl-C; the feature streams are stopped, what they stored is kept.
     """
     run = Run.of(manifest, out, feature_store)
+    run.check_writable()
     cluster.ensure_ray()
     cluster.prefetch_imports()
     listings, models, hashed, plan = plan_stages(manifest, run, rehash)                            # 1–4
@@ -141,7 +160,8 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     run.lap("compute")
     descriptors = compute_descriptors(plan, run.store)
     run.lap("descriptors")
-    outcomes: AuditOutcomes = aggregate(plan, manifest, features, run.store, max_aggregators=max_aggregators)  # 6
+    outcomes: AuditOutcomes = aggregate(plan, manifest, features, run.store, max_aggregators=max_aggregators,  # 6
+                                        standing=standing)
     run.lap("aggregate")
     batch = collect_results(manifest, plan, models, features, descriptors, outcomes,               # 7
                             run.section(manifest, listings, hashed))

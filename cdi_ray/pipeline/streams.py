@@ -6,12 +6,15 @@ the driver — the rows themselves go to the feature store or the run's folder.
 
 * :func:`feature_stream` — a model's work file → decode (CPU tasks) → ``FeatureActor`` pool
   (``ActorPoolStrategy(min, max)``, ``num_gpus`` from the manifest; the model is loaded once per
-  actor) → one atomic part file per batch and config in the store;
+  actor) — or, for a small CPU stream, warm tasks (``warm_features``: the model stays loaded in
+  the task worker process between streams and runs) → one atomic part file per batch and config
+  in the store;
 * :func:`descriptor_stream` — images whose descriptors no feature stream computed → decode,
   describe (CPU tasks) → the store's descriptor partition.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from cdi_ray import console
@@ -25,6 +28,16 @@ WRITE_BATCH = 4096
 MIN_WRITES_PER_STREAM = 20
 #: Rows per input block of the streams (more blocks → more parallel tasks).
 ROWS_PER_BLOCK = 256
+#: ``pool: auto`` runs a CPU stream of at most this many images in warm tasks: below it, starting an
+#: actor (a new process importing the model stack, ≈ 6 s of CPU) costs more than the features.
+WARM_TASK_IMAGES = 1024
+
+
+def uses_warm_tasks(model_spec, images: int) -> bool:
+    """Whether a stream of ``images`` runs the model in warm tasks rather than an actor pool."""
+    if model_spec.pool != "auto":
+        return model_spec.pool == "tasks"
+    return model_spec.resolved_device == "cpu" and images <= WARM_TASK_IMAGES
 
 
 @dataclass
@@ -61,54 +74,61 @@ def _split(uri: str, k: int) -> list:
     return blocks if k > 1 else blocks[0]
 
 
-def _read(uri: str, n: int):
+def _read(uri: str, n: int, max_blocks: int | None = None):
     """A stream's input: the ``n`` rows of a Parquet file of the run's folder, as Ray Data blocks.
 
-    A task loads the file into the object store in :func:`_blocks` pieces — the driver holds their
-    references only — which is much lighter than Ray Data's Parquet reader for files this small
-    (one planned file, no footers to fetch, no listing)."""
+    A task loads the file into the object store in :func:`_blocks` pieces (at most ``max_blocks``)
+    — the driver holds their references only — which is much lighter than Ray Data's Parquet reader
+    for files this small (one planned file, no footers to fetch, no listing)."""
     import ray
     import ray.data
 
-    k = _blocks(n)
+    k = min(_blocks(n), max_blocks or _blocks(n))
     refs = ray.remote(num_cpus=1, num_returns=k, max_retries=2)(_split).remote(uri, k)
     return ray.data.from_arrow_refs(refs if k > 1 else [refs])
 
 
 def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
-                   progress: console.ProgressBar | None = None) -> StreamCounts:
+                   progress: console.ProgressBar | None = None, stop: threading.Event | None = None) -> StreamCounts:
     """Run one model's stream over its work file (:class:`cdi_ray.pipeline.plan.StreamPlan`).
 
-    ``progress`` advances by images (a row is one (image, config) pair).
+    ``progress`` advances by images (a row is one (image, config) pair). When ``stop`` is set the
+    stream ends at its next batch (leaving the loop closes Ray Data's iterator, which shuts its
+    executor and actor pool down); the counts so far are returned.
     """
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from cdi_ray.pipeline.actors import FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT, decode_batch, write_batch
+    from cdi_ray.pipeline.actors import (FeatureActor, STATUS_ERROR, STATUS_OK, STATUS_TRANSIENT, decode_batch,
+                                         warm_features, write_batch)
 
-    ds = _read(stream.work, stream.images)
+    warm = uses_warm_tasks(model_spec, stream.images)
+    # warm tasks: one block per task slot, so the stream's batches run in as few worker processes as
+    # its pool allows (each new process would import the model stack again)
+    ds = _read(stream.work, stream.images, max_blocks=model_spec.max_replicas if warm else None)
     # read, check, decode, preprocess (+ the model-free descriptors where asked): CPU tasks
     descriptors = {"store_root": store_root, "key": stream.descriptor_key} if stream.described else None
     size, channels = stream.geometry
     ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy",
                         fn_kwargs={"size": size, "channels": channels, "descriptors": descriptors})
-    # features: the model once per actor, the pool autoscaling between min and max replicas
-    ds = ds.map_batches(
-        FeatureActor,
-        batch_size=model_spec.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=model_spec.min_replicas, max_size=model_spec.max_replicas),
-        num_gpus=model_spec.num_gpus,
-        num_cpus=model_spec.num_cpus,
-        fn_constructor_kwargs={
-            "model_uri": model_spec.uri,
-            "fingerprint": stream.fingerprint,
-            "configs": stream.configs,
-            "device": model_spec.resolved_device,
-            "dtype": model_spec.dtype,
-            "load_options": stream.load_options,
-            "max_batch_mb": model_spec.max_batch_mb,
-        },
-    )
+    stage = {
+        "model_uri": model_spec.uri,
+        "fingerprint": stream.fingerprint,
+        "configs": stream.configs,
+        "device": model_spec.resolved_device,
+        "dtype": model_spec.dtype,
+        "load_options": stream.load_options,
+        "max_batch_mb": model_spec.max_batch_mb,
+    }
+    if warm:
+        # features: the model once per task worker process, kept there between streams and runs
+        ds = ds.map_batches(warm_features, batch_size=model_spec.batch_size, batch_format="numpy",
+                            compute=TaskPoolStrategy(size=model_spec.max_replicas), num_cpus=model_spec.num_cpus,
+                            fn_kwargs=stage)
+    else:
+        # features: the model once per actor, the pool autoscaling between min and max replicas
+        ds = ds.map_batches(FeatureActor, batch_size=model_spec.batch_size, batch_format="numpy",
+                            compute=ActorPoolStrategy(min_size=model_spec.min_replicas, max_size=model_spec.max_replicas),
+                            num_gpus=model_spec.num_gpus, num_cpus=model_spec.num_cpus, fn_constructor_kwargs=stage)
     # publish: CPU tasks, one atomic part file per batch and config
     ds = ds.map_batches(write_batch, batch_size=write_batch_size(stream.rows), batch_format="pyarrow",
                         fn_kwargs={"store_root": store_root, "fingerprint": stream.fingerprint,
@@ -117,6 +137,8 @@ def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
     per_row = stream.images / max(1, stream.rows)
     # small summary batches: the rows are tiny, and the progress bar moves with each one
     for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
+        if stop is not None and stop.is_set():
+            break
         status = batch.column("status").to_pylist()
         counts.rows += len(status)
         counts.computed += status.count(STATUS_OK)

@@ -16,6 +16,11 @@ MAX_UNUSABLE_ROWS = 200
 
 def _decision_level(audit: dict, fdr: dict | None) -> tuple[str, float | None]:
     """(text, level) of what the p-value was compared with."""
+    seq = audit.get("sequential")
+    if seq:
+        return (f"life-long rule of a standing audit: over all its nights, the chance of a false “used” is at most "
+                f"α = {e(seq.get('alpha'))} (the batch's FDR adjustment is shown, but does not decide)",
+                as_finite(audit.get("alpha")))
     fdr = fdr or {}
     method = fdr.get("method")
     if method == "holm":  # a bulk request: the owner's family is the models of their request
@@ -28,6 +33,29 @@ def _decision_level(audit: dict, fdr: dict | None) -> tuple[str, float | None]:
                 f"{e(fdr.get('n_tested'))} tested audits)"), q
     a = as_finite(audit.get("alpha"))
     return f"raw p-value ≤ α = {e(a)} (no multiple-testing adjustment)", a
+
+
+def _standing_section(seq: dict) -> str:
+    """Which night a standing audit is on, its looks and the α it has spent (docs/VERDICTS.md §5)."""
+    rows = [("night", f'<span id="night">{e(seq.get("night"))}</span> ({e(seq.get("date"))}; first night '
+                      f'{e(seq.get("first_night"))})'),
+            ("looks taken", f'<span id="look">{e(seq.get("look"))}</span>'
+             + (f" (first on {e(seq.get('first_look_on'))})" if seq.get("first_look_on") else "")
+             + ("; tonight took a look" if seq.get("took_look") else "; no look tonight")),
+            ("α spent", f'<span id="alpha-spent">{fmt_p(seq.get("alpha_spent"))}</span> of α = '
+                        f'{e(seq.get("alpha"))} (remaining <span id="alpha-remaining">'
+                        f'{fmt_p(seq.get("alpha_remaining"))}</span>)'),
+            ("accumulated evidence", f"nominal p = {fmt_p(seq.get('nominal_pvalue'))}, latest look's level "
+                                     f"{fmt_p(seq.get('level'))}"),
+            ("crossed the boundary", f"on look {e(seq.get('used_on_look'))} ({e(seq.get('used_on'))})"
+             if seq.get("used_on_look") else "no")]
+    return ('<h2>Standing audit: its nightly looks</h2><section id="standing">'
+            f'<p class="note">{e(seq.get("reason"))}</p>' + kv_table(rows) +
+            '<p class="note">This audit is re-tested every night as its collections grow. Its verdict comes from a '
+            'life-long rule: the chance that an audit of a model that never saw these images says “used” on ANY '
+            'night is at most α, however many nights it runs; each look spends part of α, a night without new '
+            'images spends nothing. The raw p-value below is tonight\'s test of the whole collection, shown as a '
+            'figure; it does not decide.</p></section>')
 
 
 def _controls_table(controls: list[dict]) -> str:
@@ -82,11 +110,19 @@ def render_audit_html(audit_json: dict) -> str:
              f'</span><p class="sentence">{verdict_sentence(a)}</p><p class="reason">{e(a.get("verdict_reason"))}</p></section>')
     if a.get("status") == "failed":
         b.append(f'<p class="alert" id="failure"><b>The audit failed:</b> {e(a.get("error"))}</p>')
+    elif label == "used" and a.get("sequential"):
+        b.append('<p class="note">“Strong” means: the accumulated evidence of the audit\'s nightly looks crossed its '
+                 'life-long boundary, in the direction the training hypothesis predicts, with every distribution-shift '
+                 'control passed (docs/VERDICTS.md §5). The probability that a model that never saw these images gets '
+                 'such a result on any night is at most the audit\'s α.</p>')
     elif label == "used":
         b.append('<p class="note">“Strong” means: the test is significant after the batch\'s multiple-testing control, '
                  'in the direction the training hypothesis predicts, with every distribution-shift control passed '
                  '(docs/VERDICTS.md). The probability of such a result for a model that never saw these images is at '
                  'most the level below.</p>')
+
+    if a.get("sequential"):
+        b.append(_standing_section(a["sequential"]))
 
     # 2. the numbers
     floor = test.get("p_at_floor")

@@ -138,7 +138,10 @@ def expand_pattern(pattern: str) -> list[storage.FileEntry]:
     out: dict[str, storage.FileEntry] = {}
     for uri in expand_braces(pattern):
         if not _GLOB_CHARS & set(uri):
-            out[storage.normalize(uri)] = storage.stat(uri)
+            try:
+                out[storage.normalize(uri)] = storage.stat(uri)
+            except storage.BadEntry as exc:  # a FIFO, a device, a broken link: that shard is unusable, not the source
+                out[storage.normalize(uri)] = storage.FileEntry(storage.normalize(uri), -1, "", str(exc))
             continue
         cut = min(uri.index(c) for c in _GLOB_CHARS if c in uri)
         folder = uri[:cut].rsplit("/", 1)[0] if "/" in uri[:cut] else "."
@@ -201,18 +204,28 @@ def list_source(source) -> list[ImageEntry] | list[ShardRef]:
             raise FileNotFoundError(f"no image files under {folder} (looked for {', '.join(sorted(storage.IMAGE_EXTENSIONS))}){hint}")
         if isinstance(source, ImageFolder) and source.metadata:
             return attach_sidecar(entries, storage.normalize(folder), source.metadata)
-        return [ImageEntry(e.uri, e.size, e.version) for e in entries]
+        return [ImageEntry(e.uri, e.size, e.version, error=e.error) for e in entries]
     uris = storage.read_list_file(source.list_file) if isinstance(source, ListFile) else [storage.normalize(u) for u in source]
     if not uris:
         raise FileNotFoundError(f"list file {source.list_file} names no images")
-    out = []
-    for uri in uris:
-        try:
-            out.append(storage.stat(uri))
-        except FileNotFoundError:
-            out.append(storage.FileEntry(uri, -1, ""))  # reported per image later ("missing")
-        except OSError:  # denied, or S3 still failing: no version, so hashing reads it and names the reason
-            out.append(storage.FileEntry(uri, 0, ""))
+    out = [listed_entry(uri) for uri in uris]
     if isinstance(source, ListFile) and source.metadata:
         return attach_sidecar(out, None, source.metadata)
-    return [ImageEntry(e.uri, e.size, e.version) for e in out]
+    return [ImageEntry(e.uri, e.size, e.version, error=e.error) for e in out]
+
+
+def listed_entry(uri: str) -> storage.FileEntry:
+    """One URI named by a list: its size and version, or why it cannot be used (never raises)."""
+    from cdi_ray.redaction import carries_credentials, redact
+
+    if carries_credentials(uri):  # the URI itself would leak into results: only its redacted form is kept
+        return storage.FileEntry(redact(uri), -1, "", "credentials_in_uri: the listed URI carries credentials or a "
+                                                      "signature — list plain URIs; access comes from the environment")
+    try:
+        return storage.stat(uri)
+    except FileNotFoundError:
+        return storage.FileEntry(uri, -1, "")  # reported per image later ("missing")
+    except storage.BadEntry as exc:  # a FIFO, a device, a dangling link …: named, never opened
+        return storage.FileEntry(uri, -1, "", str(exc))
+    except (OSError, ValueError):  # denied, S3 still failing, an odd scheme: hashing reads it and names the reason
+        return storage.FileEntry(uri, 0, "")

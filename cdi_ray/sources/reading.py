@@ -3,11 +3,19 @@ Parquet row groups — each shard's members of a decode batch together (few requ
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections import OrderedDict
 
-from cdi_ray import storage
+from cdi_ray import localfs, storage
 
+#: Largest encoded image read (bytes; ``$CDI_RAY_MAX_IMAGE_BYTES`` overrides): a larger file is an
+#: unusable image (``too_large``), refused from its size before it is read. 256 MiB is above any
+#: image the decoder accepts in practice (~89.5 MP, ``cdi_ray.images.DEFAULT_MAX_PIXELS``).
+MAX_IMAGE_BYTES = 256 << 20
+#: Seconds one image read may take, retries included (``$CDI_RAY_READ_TIMEOUT`` overrides): a read
+#: that stalls longer (a hung mount, an S3 connection that trickles) fails that image only.
+READ_TIMEOUT_S = 120.0
 #: Member locator prefixes.
 TAR, PARQUET = "tar", "parquet"
 #: Tar members of one decode batch closer than this are fetched with one ranged read.
@@ -16,6 +24,43 @@ COALESCE_GAP = 1 << 20
 COALESCE_MAX = 64 << 20
 #: Parquet row groups (image column only) kept per process for the rows that follow.
 ROW_GROUP_CACHE = 4
+
+
+def max_image_bytes() -> int:
+    return int(os.environ.get("CDI_RAY_MAX_IMAGE_BYTES") or MAX_IMAGE_BYTES)
+
+
+def read_timeout() -> float:
+    return float(os.environ.get("CDI_RAY_READ_TIMEOUT") or READ_TIMEOUT_S)
+
+
+def read_image(uri: str) -> bytes:
+    """One encoded image, bounded in size (:data:`MAX_IMAGE_BYTES`) and time (:data:`READ_TIMEOUT_S`)."""
+    return with_deadline(lambda: storage.read_bytes(uri, max_bytes=max_image_bytes(), what="image"), read_timeout(),
+                         f"reading {uri}")
+
+
+def with_deadline(fn, timeout: float, what: str):
+    """``fn()`` in a daemon thread, waited on for ``timeout`` seconds: a call that stalls (a hung
+    mount, a trickling connection) raises ``TimeoutError`` here and is left behind — it cannot
+    hold up the caller, and it dies with the process."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="cdi-ray-read", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"timeout: {what} took longer than {timeout:g} s — the storage stalled; "
+                           "retried by the next run (CDI_RAY_READ_TIMEOUT sets the limit)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def read_range(uri: str, offset: int, length: int) -> bytes:
@@ -27,7 +72,7 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
         body = storage.s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")["Body"]
         data = body.read()
     else:
-        with open(storage.local_path(uri), "rb") as f:
+        with localfs.open_regular(storage.local_path(uri)) as f:
             f.seek(offset)
             data = f.read(length)
     if len(data) != length:
@@ -68,7 +113,7 @@ class _S3Object(io.RawIOBase):
 def open_seekable(uri: str, size: int | None = None):
     """A binary file object for a local path or an S3 object (buffered ranged reads)."""
     if not storage.is_remote(uri):
-        return open(storage.local_path(uri), "rb")
+        return localfs.open_regular(storage.local_path(uri))
     size = storage.stat(uri).size if size is None else size
     return io.BufferedReader(_S3Object(uri, size), buffer_size=1 << 20)
 
@@ -76,7 +121,7 @@ def open_seekable(uri: str, size: int | None = None):
 def open_stream(uri: str):
     """A forward-only binary stream over a whole object (one GET on S3, read as it arrives)."""
     if not storage.is_remote(uri):
-        return open(storage.local_path(uri), "rb")
+        return localfs.open_regular(storage.local_path(uri))
     from botocore.exceptions import ClientError
 
     bucket, key = storage.split_s3(uri)
@@ -137,9 +182,11 @@ def read_images(uris: list[str], locs: list[str]) -> list[bytes | BaseException]
     for i, (uri, loc) in enumerate(zip(uris, locs)):
         try:
             if not loc:
-                out[i] = storage.read_bytes(uri)
+                out[i] = read_image(uri)
             elif loc.startswith(TAR + ":"):
                 _, off, size = loc.split(":")
+                if int(size) > max_image_bytes():
+                    raise storage.TooLarge(localfs.too_large_reason(uri, int(size), max_image_bytes(), "image"))
                 tar_groups.setdefault(container_of(uri, loc), []).append((int(off), int(size), i))
             elif loc.startswith(PARQUET + ":"):
                 _, group, row, column = loc.split(":", 3)

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from cdi_ray import storage
+from cdi_ray.localfs import too_large_reason
 from cdi_ray.sources.listing import LISTING_SCHEMA, ImageEntry, ShardRef, ShardSpec, entries_table
-from cdi_ray.sources.reading import PARQUET, TAR, _image_bytes, open_seekable, open_stream
+from cdi_ray.sources.reading import PARQUET, TAR, _image_bytes, max_image_bytes, open_seekable, open_stream
 from cdi_ray.sources.sidecar import parse_captions, parse_label
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def index_tar(uri: str, version: str) -> tuple[list[ImageEntry], str | None]:
     from cdi_ray.images import content_hash
 
     samples: dict[str, _Sample] = {}
+    too_large: list[ImageEntry] = []
     error = None
     with open_stream(uri) as stream:
         try:
@@ -79,8 +81,12 @@ def index_tar(uri: str, version: str) -> tuple[list[ImageEntry], str | None]:
                     if not m.isfile():
                         continue
                     key, ext = _split_key(m.name)
-                    data = tar.extractfile(m).read()
                     sample = samples.setdefault(key, _Sample())
+                    if m.size > max_image_bytes():  # never read into memory: an unusable member
+                        too_large.append(ImageEntry(f"{uri}#{m.name}", m.size, version, error=too_large_reason(
+                            f"{uri}#{m.name}", m.size, max_image_bytes(), "image")))
+                        continue
+                    data = tar.extractfile(m).read()
                     if ext in storage.IMAGE_EXTENSIONS:
                         sample.images.append((m.name, m.offset_data, m.size, content_hash(data)))
                     elif ext in (".cls", ".txt", ".json"):
@@ -95,7 +101,7 @@ def index_tar(uri: str, version: str) -> tuple[list[ImageEntry], str | None]:
         for name, offset, size, h in s.images:
             out.append(ImageEntry(f"{uri}#{name}", size, version, loc=f"{TAR}:{offset}:{size}", label=s.label,
                                   captions=s.captions, content_hash=h, error=s.error))
-    return out, error
+    return out + too_large, error
 
 
 def index_parquet(uri: str, version: str, spec: ShardSpec, size: int | None = None) -> tuple[list[ImageEntry], str | None]:
@@ -204,7 +210,11 @@ def index_shard_cached(ref: ShardRef, store_root: str, scratch: str) -> ShardInd
     if rows is not None:
         return ShardIndex(cached, rows, True)
     try:
+        if ref.entry.error:  # listed as unusable (not a regular file …): never opened
+            raise storage.BadEntry(ref.entry.error)
         entries, error = index_shard(uri, version, ref.spec, ref.entry.size)
+    except storage.BadEntry as exc:
+        entries, error = [], str(exc)
     except FileNotFoundError:
         entries, error = [], f"missing: shard {uri} does not exist"
     except Exception as exc:  # noqa: BLE001 — this shard's images are unusable, the others go on

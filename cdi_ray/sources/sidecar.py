@@ -7,6 +7,7 @@ import io
 import json
 
 from cdi_ray import storage
+from cdi_ray.redaction import shown
 from cdi_ray.sources.listing import ImageEntry
 
 _NAME_KEYS = ("file", "name", "image", "path")
@@ -19,14 +20,14 @@ def parse_captions(value) -> tuple[str, ...]:
         return (value,) if value.strip() else ()
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return tuple(v for v in value if v.strip())
-    raise ValueError(f"captions must be a string or a list of strings, got {value!r}")
+    raise ValueError(f"captions must be a string or a list of strings, got {type(value).__name__} {shown(value)}")
 
 
 def parse_label(value) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"a label must be a class name or an integer index, got {value!r}")
+        raise ValueError(f"a label must be a class name or an integer index, got {type(value).__name__} {shown(value)}")
     return str(value).strip()
 
 
@@ -77,6 +78,6 @@ def attach_sidecar(entries: list[storage.FileEntry], root: str | None, sidecar: 
     for e in entries:
         rel = e.uri[len(root.rstrip("/")) + 1:] if root and e.uri.startswith(root.rstrip("/") + "/") else None
         label, caps = meta.get(rel) if rel in meta else meta.get(storage.basename(e.uri), (None, ()))
-        out.append(ImageEntry(e.uri, e.size, e.version, label=label, captions=caps))
+        out.append(ImageEntry(e.uri, e.size, e.version, label=label, captions=caps, error=e.error))
     return out
 

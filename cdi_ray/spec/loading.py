@@ -10,11 +10,72 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from cdi_ray.redaction import shorten, shown
 from cdi_ray.spec.messages import ManifestError, _problems
 from cdi_ray.spec.schema import SHARD_SOURCES, ListFile, Manifest, WebDatasetShards
 
+#: Largest manifest file read (bytes): a batch of 10,000 audits is ~3 MB of YAML.
+MAX_MANIFEST_BYTES = 32 << 20
+#: Deepest nesting of mappings and lists in a manifest, aliases expanded (a real one nests 5 levels).
+MAX_NESTING = 64
+#: Most values YAML aliases may add to a manifest once expanded (a "billion laughs" file of 800
+#: bytes expands to ~400 million).
+MAX_ALIAS_VALUES = 1_000_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML loader that refuses duplicate mapping keys (plain YAML keeps the last silently)."""
+    """YAML loader for manifests: safe tags only, no duplicate keys (plain YAML keeps the last
+    silently), bounded nesting and bounded alias expansion.
+
+    Anchors and aliases are allowed (``yaml.safe_dump`` writes them for shared values), but what
+    they expand to is counted on the node graph — each node once — before anything is built: a
+    few hundred bytes of nested aliases ("billion laughs") are refused at once instead of being
+    expanded by validation, and an alias that contains itself is refused too.
+    """
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels — a manifest "
+                                                  "is a few levels deep; check the file", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        memo: dict[int, tuple[int, int]] = {}
+        expanded = _expanded_size(node, memo, set(), 1)[0] if node is not None else 0
+        if expanded - len(memo) > MAX_ALIAS_VALUES:
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases expand this manifest to {expanded:,} values "
+                                              f"(more than {MAX_ALIAS_VALUES:,} beyond the {len(memo):,} written) — "
+                                              "write the values out instead of nesting aliases", node.start_mark)
+        return node
+
+
+def _expanded_size(node, memo: dict[int, tuple[int, int]], path: set[int], depth: int) -> tuple[int, int]:
+    """``(values, height)`` of ``node`` with every alias expanded; each node is counted once
+    (``memo``), so this is linear in the file, not in the expansion."""
+    if id(node) in path:
+        raise yaml.composer.ComposerError(None, None, "a YAML alias refers to a value that contains it — a manifest "
+                                          "cannot be recursive", node.start_mark)
+    if id(node) not in memo:
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        path.add(id(node))
+        size, height = 1, 1
+        for child in children:
+            got = _expanded_size(child, memo, path, depth + 1)
+            size, height = size + got[0], max(height, got[1] + 1)
+            if size > 100 * MAX_ALIAS_VALUES:  # far beyond the bound already: stop counting
+                break
+        path.discard(id(node))
+        memo[id(node)] = (size, height)
+    if depth + memo[id(node)][1] - 1 > MAX_NESTING:
+        raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels once YAML aliases are "
+                                          "expanded — write the values out", node.start_mark)
+    return memo[id(node)]
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -47,7 +108,7 @@ def location_problems(locations: dict[str, str | None], root: str | None) -> lis
 
     if not root:
         return []
-    return [f"{field}: {uri!r} is outside the configured output root {root!r} — write it under the root "
+    return [f"{field}: {shown(uri)} is outside the configured output root {shown(root)} — write it under the root "
             f"(set by --output-root or ${OUTPUT_ROOT_ENV})"
             for field, uri in locations.items() if uri is not None and not is_within(uri, root)]
 
@@ -82,11 +143,13 @@ def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None) ->
 
     uri = str(path_or_uri)
     try:
-        raw = storage.read_bytes(uri)
+        raw = storage.read_bytes(uri, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
     except FileNotFoundError:
         raise ManifestError([f"(file): {uri} does not exist — check the path"], uri) from None
     except OSError as exc:
         raise ManifestError([f"(file): cannot read {uri}: {exc}"], uri) from None
+    except ValueError as exc:  # an unsupported scheme
+        raise ManifestError([f"(file): {exc}"], uri) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -97,7 +160,10 @@ def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None) ->
         else:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # YAML is a superset of JSON
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ManifestError([f"(file): not valid YAML/JSON — {exc}"], uri) from None
+        raise ManifestError([f"(file): not valid YAML/JSON — {shorten(str(exc), 400)}"], uri) from None
+    except RecursionError:  # JSON nested thousands deep (the YAML loader stops at MAX_NESTING)
+        raise ManifestError([f"(file): nested deeper than Python can parse — a manifest is a few levels deep"],
+                            uri) from None
     base_dir = None if storage.is_remote(uri) else str(Path(storage.local_path(uri)).parent)
     return parse_manifest(data, base_dir=base_dir, source=uri, root=root)
 

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ValidationError
 
+from cdi_ray.redaction import ECHO_LIMIT, redact, shorten, shown
 from cdi_ray.spec.schema import AuditSpec, ControlsSpec, FdrSpec, LabelsSpec, Manifest, ModelSpec, TestSpec
 
 class ManifestError(ValueError):
     """A manifest that cannot be used; ``problems`` holds one ``"field.path: what — fix"`` per issue."""
 
     def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
+        # redacted and bounded: a message never carries a secret, nor a value expanded to megabytes
+        self.problems = [redact(shorten(p, 4 * ECHO_LIMIT)) for p in problems]
         self.source = source
         head = f"invalid manifest {source}" if source else "invalid manifest"
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
@@ -71,24 +73,24 @@ def _describe(err: dict) -> str:
         owner = _model_at(loc)
         allowed = _allowed_keys(owner)
         hint = f"; allowed keys here: {allowed}" if allowed else ""
-        return f"{where}: unknown key {loc[-1]!r} — remove it or fix its spelling{hint}"
+        return f"{where}: unknown key {shown(loc[-1])} — remove it or fix its spelling{hint}"
     if kind == "missing":
         return f"{where}: required field is missing — add `{loc[-1]}:`"
     if kind == "literal_error":
         expected = (err.get("ctx") or {}).get("expected", "")
-        return f"{where}: {value!r} is not allowed — use one of {expected}"
+        return f"{where}: {shown(value)} is not allowed — use one of {expected}"
     if kind == "string_pattern_mismatch":
-        return f"{where}: {value!r} is not a valid name — use letters, digits, '.', '_' or '-' (start with a letter or digit)"
+        return f"{where}: {shown(value)} is not a valid name — use letters, digits, '.', '_' or '-' (start with a letter or digit)"
     if kind == "value_error":
         text = msg.removeprefix("Value error, ")
         if where == "(manifest)":
             return text  # cross-reference checks already name their fields
         return f"{where}: {text}"
     if kind in ("int_parsing", "int_type", "float_parsing", "float_type", "int_from_float", "bool_parsing", "bool_type"):
-        return f"{where}: {msg.lower()} (got {value!r}) — fix the value's type"
+        return f"{where}: {msg.lower()} (got {shown(value)}) — fix the value's type"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{where}: {msg.lower()} (got {value!r})"
-    return f"{where}: {msg} (got {value!r})"
+        return f"{where}: {msg.lower()} (got {shown(value)})"
+    return f"{where}: {msg} (got {shown(value)})"
 
 
 def _problems(exc: ValidationError) -> list[str]:
@@ -112,7 +114,7 @@ def _problems(exc: ValidationError) -> list[str]:
             line = (f"{where}: not a valid source mapping (got keys {sorted(value)}) — use one of {{list_file, metadata}}, "
                     f"{{folder, metadata}}, {{webdataset}}, {{parquet, image_column, label_column, caption_column, id_column}}")
         else:
-            line = f"{where}: not a valid image source (got {value!r}) — {_SOURCE_HINT}"
+            line = f"{where}: not a valid image source (got {shown(value)}) — {_SOURCE_HINT}"
         out.append(line)
     return out
 

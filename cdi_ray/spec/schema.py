@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cdi_ray.redaction import shown
+from cdi_ray.spec.limits import _NO_CREDENTIALS, INT64_MAX, value_problems
+
 Access = Literal["white-box", "gray-box"]
 Preset = Literal["white-box", "gray-box", "efficient"]
 
@@ -104,16 +107,14 @@ def _check_uri(value: str) -> str:
     """Local paths, ``file://`` and ``s3://`` only (other schemes fail here, not mid-run)."""
     if "://" in value and not value.startswith(_SUPPORTED):
         scheme = value.split("://", 1)[0]
-        raise ValueError(f"unsupported scheme '{scheme}://' in {value!r} — use a local path, file:// or s3://")
+        raise ValueError(f"unsupported scheme '{scheme}://' in {shown(value)} — use a local path, file:// or s3://")
     if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
-        raise ValueError(f"{value!r} names no bucket — write s3://BUCKET/PREFIX")
+        raise ValueError(f"{shown(value)} names no bucket — write s3://BUCKET/PREFIX")
     if value.startswith("s3://") and "@" in value[5:].split("/", 1)[0]:
         raise ValueError(f"an s3:// location carries credentials (user:secret@) — {_NO_CREDENTIALS}")
     return value
 
 
-_NO_CREDENTIALS = ("credentials come only from the environment or the instance role (AWS_ACCESS_KEY_ID, "
-                   "AWS_SECRET_ACCESS_KEY, AWS_PROFILE …), never from a manifest: remove them")
 #: Key names of free-form option maps that would smuggle a credential into results and reports.
 _CREDENTIAL_KEY = re.compile(r"^aws_|secret|password|passwd|credential|api_key|access_key|private_key|session_token|"
                              r"auth_token|^token$", re.I)
@@ -171,6 +172,11 @@ class ModelSpec(_Spec):
     options: dict[str, Any] = Field(default_factory=dict, description="family options for the loader, e.g. {missing_label: null}")
     max_batch_mb: float | None = Field(None, gt=0, description="ceiling on one feature call's input tensor (MB); a larger call "
                                                                "fails as out of memory and is split in halves — emulates a smaller accelerator")
+    pool: Literal["auto", "actors", "tasks"] = Field(
+        "auto", description="how a feature stream runs the model: actors — an actor pool, one model load per actor; "
+                            "tasks — Ray tasks whose worker processes keep the model stack imported and the last model "
+                            "loaded between streams and runs (CPU only); auto — tasks for a CPU stream of at most "
+                            "1,024 images, where an actor's start-up would cost more than its features, else actors")
 
     @field_validator("uri")
     @classmethod
@@ -191,6 +197,9 @@ class ModelSpec(_Spec):
             )
         if self.device == "cuda" and self.num_gpus == 0:
             raise ValueError("device is 'cuda' but num_gpus is 0; set num_gpus (e.g. 1) or device: cpu")
+        if self.pool == "tasks" and self.resolved_device != "cpu":
+            raise ValueError("pool 'tasks' keeps models loaded in shared worker processes and is for CPU models; "
+                             "use pool: actors (or auto) with GPUs")
         return self
 
     @property
@@ -269,7 +278,7 @@ class AuditSpec(_Spec):
     test: TestSpec = Field(default_factory=TestSpec)
     controls: ControlsSpec | None = Field(None, description="this audit's distribution-shift guards; default: the batch's `controls`")
     labels: LabelsSpec = Field(default_factory=LabelsSpec, description="class labels of class-conditional models")
-    seed: int = Field(0, ge=0, description="root seed of every random draw of this audit")
+    seed: int = Field(0, ge=0, le=INT64_MAX, description="root seed of every random draw of this audit (stored as int64)")
 
     @field_validator("published", "unpublished", mode="after")
     @classmethod
@@ -309,7 +318,9 @@ class Manifest(_Spec):
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Manifest":
-        problems = []
+        problems = value_problems(self.model_dump(mode="python"))  # what the writers cannot store or must not see
+        if problems:
+            raise ValueError("\n".join(problems))
         seen: dict[str, int] = {}
         for i, a in enumerate(self.audits):
             if a.id in seen:

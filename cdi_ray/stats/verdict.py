@@ -22,7 +22,10 @@ Policy, in order (the first rule that applies decides):
      training on P does not make P look *less* like training data, so P and U differ in
      something else (or pair up, e.g. near-duplicates across P and U);
   5. the procedure is not calibrated (``paper-*``) and p ≤ α → inconclusive;
-  6. p (adjusted, if given) ≤ α and direction P>U → used;
+  6. p (adjusted, if given) ≤ α and direction P>U → used; for a standing audit re-tested every
+     night (``lifelong``, :func:`cdi_ray.stats.sequential.next_look`) instead: its life-long rule
+     may say ``used`` (its accumulated evidence crossed the boundary that keeps the chance of a
+     ``used`` on ANY night ≤ α; docs/VERDICTS.md §5);
   7. otherwise → not_detected ("no evidence at this level", never "proof of non-use").
 
 Minimum n (``MIN_SAMPLES`` = 50 per collection). The permutation p-value is exact at any
@@ -65,7 +68,7 @@ def _fired_reasons(controls) -> tuple[str, ...]:
 
 
 def verdict(result: TestResult, *, alpha: float | None = None, p_adjusted: float | None = None,
-            min_samples: int = MIN_SAMPLES, controls: Iterable[str] = ()) -> Verdict:
+            min_samples: int = MIN_SAMPLES, controls: Iterable[str] = (), lifelong=None) -> Verdict:
     """Map a :class:`TestResult` to a :class:`Verdict` with a one-sentence reason.
 
     Args:
@@ -78,6 +81,9 @@ def verdict(result: TestResult, *, alpha: float | None = None, p_adjusted: float
             that fired, or control results with ``fired``/``reason`` (e.g.
             :class:`cdi_ray.controls.ControlResult`, of which only fired ones count); any fired
             control → inconclusive.
+        lifelong (`LookResult`, *optional*): tonight's decision of a standing audit's life-long rule
+            (:func:`cdi_ray.stats.sequential.next_look`); replaces rule 6's ``p ≤ α`` (``alpha`` is
+            then the audit's life-long level and ``p_adjusted`` is ignored).
     """
     alpha = float(result.alpha if alpha is None else alpha)
     if not 0 < alpha < 1:
@@ -107,6 +113,8 @@ def verdict(result: TestResult, *, alpha: float | None = None, p_adjusted: float
         return out("inconclusive", f"The '{result.procedure}' procedure is known to report too many false "
                                    f"positives, so its p = {_fmt(p)} cannot support a finding; rerun with "
                                    f"'crossfit-permutation'.")
+    if lifelong is not None:
+        return _lifelong(out, lifelong, alpha)
     p_txt = f"p ≤ {_fmt(p)}" if result.p_at_floor and not adjusted else f"p = {_fmt(p)}"
     batch = " after adjusting for the batch of audits" if adjusted else ""
     if p <= alpha and result.direction == "P>U":
@@ -115,3 +123,21 @@ def verdict(result: TestResult, *, alpha: float | None = None, p_adjusted: float
                            f"trained on at least part of them.")
     return out("not_detected", f"There is no evidence at level {alpha:g} that the model was trained on the published "
                                f"images ({p_txt}{batch}); this does not show that it was not.")
+
+
+def _lifelong(out, look, alpha: float) -> Verdict:
+    """Rule 6 for a standing audit: the life-long rule decides, and the sentence says how much α it has spent."""
+    spent = f"α spent so far {look.alpha_spent:.3g} of {alpha:g}"
+    if look.may_say_used:
+        on = f"look {look.used_on_look}"
+        return out("used", f"Over the audit's nightly looks the published images score as more familiar to the model "
+                           f"than comparable unpublished images: the accumulated evidence crossed, on {on}, the "
+                           f"boundary that keeps the chance of a false finding on any night at most {alpha:g} ({spent}), "
+                           f"which is evidence that the model was trained on at least part of them.")
+    if not look.look:
+        return out("not_detected", f"The audit's life-long rule has not looked yet ({spent}); there is no evidence "
+                                   f"either way so far.")
+    return out("not_detected", f"After {look.look} nightly look(s) the accumulated evidence (nominal p = "
+                               f"{_fmt(look.nominal_pvalue)}) does not reach the latest look's level {_fmt(look.level)} "
+                               f"of the audit's life-long rule at {alpha:g} ({spent}); there is no evidence that the "
+                               f"model was trained on the published images, which does not show that it was not.")

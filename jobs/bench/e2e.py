@@ -28,7 +28,8 @@ def e2e_case(args) -> dict:
     out = Path(args.workdir)
     manifest = parse_manifest({
         "models": {"m": {"uri": args.model_uri, "access": "white-box", "batch_size": args.batch,
-                         "num_cpus": args.threads, "min_replicas": args.actors, "max_replicas": args.actors}},
+                         "num_cpus": args.threads, "min_replicas": args.actors, "max_replicas": args.actors,
+                         "pool": "actors"}},  # the benchmark measures the actor pool at every size
         "audits": [{"id": "bench", "model": "m", "published": args.e2e_published,
                     "unpublished": args.e2e_unpublished, "preset": args.e2e_case, "test": {"min_samples": 2}}],
         "output": str(out / "results"),

@@ -34,7 +34,8 @@ def scaling_case(args) -> dict:
               for i in range(n)]
     manifest = parse_manifest({
         "models": {"m": {"uri": args.model_uri, "access": "gray-box", "batch_size": args.batch,
-                         "num_cpus": args.threads, "min_replicas": args.actors, "max_replicas": args.actors}},
+                         "num_cpus": args.threads, "min_replicas": args.actors, "max_replicas": args.actors,
+                         "pool": "actors"}},  # the benchmark measures the actor pool at every size
         "audits": audits, "output": str(root / f"out-{n}"), "feature_store": str(root / f"store-{n}"),
     })
     before = feature_actor_count()

@@ -1,0 +1,72 @@
+"""Ctrl-C during compute (issue #16): the streams stop, what was stored is kept, the JSON summary is
+the last line, the exit code is 130 — and the same command again computes only the rest.
+
+The driver is a process of its own because SIGINT must reach a driver's main thread while its
+feature streams run in worker threads: the test process cannot interrupt itself that way. It
+joins the session's Ray (``--address``) rather than starting one, so no second cluster starts.
+As in tests/test_faults.py, the stream publishes every 2 rows (``WRITE_BATCH``, ``ROWS_PER_BLOCK``)
+so that "mid-compute" is observable; nothing else is changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from cdi_ray.cli import EXIT_INTERRUPTED
+from _pipeline_helpers import write_images
+from test_faults import stored_rows, wait_for
+
+N = 48  # images per collection: long enough on the tiny model that SIGINT lands mid-compute
+
+
+@pytest.mark.slow  # a driver process of its own: ~30 s on the 2-core CI box (imports, listing, the stream's start)
+def test_sigint_during_compute_stops_keeps_the_store_and_exits_130(ray_session, tiny_pixel_dir, tmp_path):
+    from cdi_ray.pipeline.run import plan_manifest
+    from cdi_ray.spec import load_manifest
+
+    write_images(tmp_path / "p", N, seed=71)
+    write_images(tmp_path / "u", N, seed=72)
+    out = tmp_path / "out"
+    man = tmp_path / "manifest.yaml"
+    man.write_text(yaml.safe_dump({
+        "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 2}},
+        "audits": [{"id": "a", "model": "m", "published": "p", "unpublished": "u", "overrides": {"dl": {"n_draws": 2}},
+                    "test": {"procedure": "split", "min_samples": 2}}],
+        "output": "out"}))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    script = os.path.join(repo, "jobs", "audit.py")
+    command = [sys.executable, "-c",
+               "import runpy, sys, cdi_ray.pipeline.streams as s; s.WRITE_BATCH = s.ROWS_PER_BLOCK = 2; "
+               f"sys.argv = sys.argv[1:]; runpy.run_path({script!r}, run_name='__main__')",
+               script, str(man), "--address", ray_session.address]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: stored_rows(out / "features") or driver.poll() is not None, timeout=180, what="stored rows")
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        driver.send_signal(signal.SIGINT)
+        t0 = time.time()
+        stdout, stderr = driver.communicate(timeout=15)
+        took = time.time() - t0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+    assert took < 15
+    summary = json.loads(stdout.strip().splitlines()[-1])  # the last line on stdout
+    assert summary["exit_code"] == EXIT_INTERRUPTED and summary["interrupted"] is True
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert not (out / "results.json").exists()
+    time.sleep(2)  # the interrupted job's last tasks are gone before counting
+    kept = set(stored_rows(out / "features"))
+    assert 0 < len(kept) < 2 * N, len(kept)
+    # the same manifest again: only what the store lacks is to be computed
+    plan = plan_manifest(load_manifest(str(man)))
+    assert plan.needed == 2 * N and plan.to_compute == 2 * N - len(kept)
