@@ -54,7 +54,14 @@ def _hash_lookup(hashed: HashedImages, store: FeatureStore) -> tuple[pa.Table, p
 
 
 def resolve(listing: pa.Table, results: pa.Table, index: pa.Table) -> pa.Table:
-    """A listing (in its order) with each image's content hash, or the reason it has none (:data:`RESOLVED_SCHEMA`)."""
+    """A listing (in its order) with each image's content hash, or the reason it has none (:data:`RESOLVED_SCHEMA`).
+
+    ``results`` and ``index`` hold the whole batch's URIs: they are cut to this listing's before the
+    joins, which would otherwise build a hash table of the whole batch per source (a batch of
+    4,000 small sources then spent minutes planning)."""
+    uris = listing.column("uri")
+    results = results.filter(pc.is_in(results.column("uri"), value_set=uris))
+    index = index.filter(pc.is_in(index.column("uri"), value_set=uris))
     t = listing.select(["uri", "size", "version", "content_hash", "error"])
     t = t.append_column("_order", pa.array(range(listing.num_rows), pa.int64()))
     t = t.join(results, "uri", join_type="left outer", use_threads=False)
