@@ -23,38 +23,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRss:
-    """Peak resident memory of this process while the block runs."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_mb = interval, rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak_mb = max(self.peak_mb, rss_mb())
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, rss_mb())
+sys.path.insert(0, str(ROOT))
+from jobs.bench.process_meters import PeakRss, rss_mb  # noqa: E402  (the benchmark's meters)
 
 
 def build(work: Path, n: int, audits: int) -> Path:
@@ -100,7 +74,7 @@ def measure(manifest: str) -> dict:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     before = rss_mb()
     t0 = time.perf_counter()
-    with PeakRss() as peak:
+    with PeakRss(interval=0.02) as peak:
         plan = plan_manifest(m)
     seconds = time.perf_counter() - t0
     after = rss_mb()
