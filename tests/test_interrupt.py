@@ -36,7 +36,8 @@ def test_sigint_during_compute_stops_keeps_the_store_and_exits_130(ray_session, 
     out = tmp_path / "out"
     man = tmp_path / "manifest.yaml"
     man.write_text(yaml.safe_dump({
-        "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 2}},
+        "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 2,
+                          "pool": "actors"}},  # many small blocks: rows are stored while the stream runs
         "audits": [{"id": "a", "model": "m", "published": "p", "unpublished": "u", "overrides": {"dl": {"n_draws": 2}},
                     "test": {"procedure": "split", "min_samples": 2}}],
         "output": "out"}))
