@@ -23,7 +23,8 @@ from cdi_ray.cli import EXIT_INTERRUPTED
 from _pipeline_helpers import write_images
 from test_faults import stored_rows, wait_for
 
-N = 48  # images per collection: long enough on the tiny model that SIGINT lands mid-compute
+N = 48  # images per collection; with 20 noise draws per image the stream runs long after its first
+        # stored rows, so SIGINT lands mid-compute also on a loaded machine (where writes lag)
 
 
 @pytest.mark.slow  # a driver process of its own: ~30 s on the 2-core CI box (imports, listing, the stream's start)
@@ -38,7 +39,7 @@ def test_sigint_during_compute_stops_keeps_the_store_and_exits_130(ray_session, 
     man.write_text(yaml.safe_dump({
         "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 2,
                           "pool": "actors"}},  # many small blocks: rows are stored while the stream runs
-        "audits": [{"id": "a", "model": "m", "published": "p", "unpublished": "u", "overrides": {"dl": {"n_draws": 2}},
+        "audits": [{"id": "a", "model": "m", "published": "p", "unpublished": "u", "overrides": {"dl": {"n_draws": 20}},
                     "test": {"procedure": "split", "min_samples": 2}}],
         "output": "out"}))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
