@@ -23,21 +23,25 @@ from cdi_ray.cli import EXIT_INTERRUPTED
 from _pipeline_helpers import write_images
 from test_faults import stored_rows, wait_for
 
-N = 48  # images per collection; with 20 noise draws per image the stream runs long after its first
-        # stored rows, so SIGINT lands mid-compute also on a loaded machine (where writes lag)
+N = 48  # images per collection
 
 
 @pytest.mark.slow  # a driver process of its own: ~30 s on the 2-core CI box (imports, listing, the stream's start)
-def test_sigint_during_compute_stops_keeps_the_store_and_exits_130(ray_session, tiny_pixel_dir, tmp_path):
+def test_sigint_during_compute_stops_keeps_the_store_and_exits_130(ray_session, tmp_path):
     from cdi_ray.pipeline.run import plan_manifest
     from cdi_ray.spec import load_manifest
 
+    from cdi_ray.models.testing import make_tiny_pixel_ddpm
+
+    # 32×32 RGB: a few times the 16×16 model's cost per call, so the stream runs well after its first
+    # stored rows and SIGINT lands mid-compute on an idle machine too
+    model = make_tiny_pixel_ddpm(tmp_path / "model", image_size=32, channels=3, seed=3)
     write_images(tmp_path / "p", N, seed=71)
     write_images(tmp_path / "u", N, seed=72)
     out = tmp_path / "out"
     man = tmp_path / "manifest.yaml"
     man.write_text(yaml.safe_dump({
-        "models": {"m": {"uri": str(tiny_pixel_dir), "access": "gray-box", "batch_size": 2,
+        "models": {"m": {"uri": str(model), "access": "gray-box", "batch_size": 2,
                           "pool": "actors"}},  # many small blocks: rows are stored while the stream runs
         "audits": [{"id": "a", "model": "m", "published": "p", "unpublished": "u", "overrides": {"dl": {"n_draws": 20}},
                     "test": {"procedure": "split", "min_samples": 2}}],
