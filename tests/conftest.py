@@ -123,7 +123,7 @@ def ray_session(s3_server):
 
     if ray.is_initialized():  # started by code under test outside this fixture: restart it inside the S3 environment
         ray.shutdown()
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    ray.init(address="local", num_cpus=16, include_dashboard=False)  # logical: room for the kept aggregator pool, warm workers and a stream's write tasks
     yield RaySession(address=ray.get_runtime_context().gcs_address, env=s3_server.env)
     ray.shutdown()
 
