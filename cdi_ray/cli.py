@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from cdi_ray.exits import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_PARTIAL
 
 log = logging.getLogger("cdi_ray")
 
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
         console.silence_ray_shutdown()
-        print("interrupted: the feature streams were stopped; the features already stored are kept — run the same "
-              "command again to compute only the rest", flush=True)
+        print(INTERRUPTED_LINE, flush=True)
         return EXIT_INTERRUPTED
     except Exception as exc:  # user errors carry their own fix; anything else is a bug
         if _is_user_error(exc):
@@ -289,12 +288,18 @@ def _is_user_error(exc: Exception) -> bool:
     return isinstance(exc, ImageError)
 
 
+INTERRUPTED_LINE = ("interrupted: the feature streams were stopped; the features already stored are kept — run the same "
+                    "command again to compute only the rest")
+
+
 def run() -> None:
     """The ``cdi-ray`` console script: :func:`main`, then the process ends without the interpreter's
-    teardown (:func:`cdi_ray.pipeline.cluster.exit_process`) — which would also wait for the feature
-    streams' threads after a Ctrl-C instead of exiting at once."""
-    from cdi_ray.pipeline.cluster import exit_process
+    teardown (:func:`cdi_ray.exits.exit_process`) — which would also wait for the feature streams'
+    threads after a Ctrl-C instead of exiting at once. Ctrl-C ends it within a bound
+    (:class:`cdi_ray.exits.InterruptGuard`)."""
+    from cdi_ray.exits import InterruptGuard, exit_process
 
+    InterruptGuard(INTERRUPTED_LINE).install()
     exit_process(main())
 
 

@@ -27,12 +27,9 @@ summary, in every case.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
 import tempfile
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from cdi_ray.exits import EXIT_INVALID, EXIT_OK, EXIT_PARTIAL
 
 #: Smoke test: enough images for the test to run (crossfit needs a few per fold), small enough
 #: to finish in well under a minute on a laptop CPU.
@@ -128,23 +125,7 @@ def _run(args: argparse.Namespace, manifest) -> dict:
 if __name__ == "__main__":
     args = parse_args()
     from cdi_ray import console
+    from cdi_ray.exits import run_job
 
     console.configure(args.verbose)
-    try:
-        result = main(args)
-    except KeyboardInterrupt:  # SIGINT: the streams were stopped (cdi_ray.pipeline.compute); stored features stay
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
-        console.silence_ray_shutdown()
-        result = {"exit_code": EXIT_INTERRUPTED, "interrupted": True,
-                  "error": "interrupted (SIGINT): the feature streams were stopped; the features already stored are "
-                           "kept — run the same command again to compute only the rest"}
-    except Exception:  # noqa: BLE001
-        logging.getLogger("jobs.audit").exception("internal error")
-        result = {"exit_code": EXIT_INTERNAL, "error": "internal error (see the log above)"}
-    if result.get("error"):
-        print(result["error"], file=sys.stderr)
-    from cdi_ray.pipeline.cluster import exit_process
-
-    exit_process(result["exit_code"], last_line=json.dumps(result))  # the JSON summary: the last line on stdout
+    run_job(main, args, "jobs.audit")

@@ -10,21 +10,20 @@ by every night, so only new images and new models are computed). ``diff.md`` ope
 its state is ``<root>/<date>/sequential/<audit_id>.json``. Scheduling (cron + ray job submit,
 KubeRay RayCronJob): docs/PIPELINE.md.
 
-Exit codes: 0 every audit done; 3 partial failure; 2 invalid input; 1 internal error.
+Exit codes: 0 every audit done; 3 partial failure; 2 invalid input; 1 internal error; 130 interrupted
+(SIGINT: the streams are stopped, every stored feature is kept; run the same command again).
 The last line on stdout is a JSON summary (with ``new_used``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
+from cdi_ray.exits import EXIT_INVALID
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Exit codes: 0 done, 3 partial failure, 2 invalid input, 1 internal error.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Exit codes: 0 done, 3 partial failure, 2 invalid input, 1 internal error, 130 interrupted.")
     p.add_argument("manifest", help="standing manifest (YAML or JSON; local path or s3://)")
     p.add_argument("--root", help="nightly root; results go to <root>/<date>/ (default: the manifest's `output`)")
     p.add_argument("--date", help="night to write, YYYY-MM-DD (default: today, UTC)")
@@ -56,14 +55,6 @@ if __name__ == "__main__":
     args = parse_args()
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = main(args)
-    except Exception:  # noqa: BLE001
-        logging.getLogger("jobs.nightly").exception("internal error")
-        result = {"exit_code": EXIT_INTERNAL, "error": "internal error (see the log above)"}
-    if result.get("error"):
-        print(result["error"], file=sys.stderr)
-    print(json.dumps(result))
-    from cdi_ray.pipeline.cluster import exit_process
+    from cdi_ray.exits import run_job
 
-    exit_process(result["exit_code"])
+    run_job(main, args, "jobs.nightly")

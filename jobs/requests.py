@@ -21,8 +21,6 @@ peak memory).
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import resource
 import sys
@@ -41,7 +39,7 @@ if __name__ == "requests":
     finally:
         sys.path[:] = _path
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
+from cdi_ray.exits import EXIT_INVALID
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,16 +71,7 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     args = parse_args()
     from cdi_ray import console
+    from cdi_ray.exits import run_job
 
     console.configure(args.verbose)
-    try:
-        result = main(args)
-    except Exception:  # noqa: BLE001
-        logging.getLogger("jobs.requests").exception("internal error")
-        result = {"exit_code": EXIT_INTERNAL, "error": "internal error (see the log above)"}
-    if result.get("error"):
-        print(result["error"], file=sys.stderr)
-    print(json.dumps(result, default=str))
-    from cdi_ray.pipeline.cluster import exit_process
-
-    exit_process(result["exit_code"])
+    run_job(main, args, "jobs.requests")

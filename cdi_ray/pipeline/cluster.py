@@ -6,7 +6,6 @@
 * :func:`actor_pool` — actor pools kept across runs of one driver (the aggregators);
 * :func:`local_progress` — the progress bar of a CLI run on a local Ray;
 * :func:`prefetch_imports` — import what later stages of the driver need while it waits on Ray;
-* :func:`exit_process` — how a command-line process ends: Ray stopped, output flushed, no teardown.
 
 The Ray Data streams are :mod:`cdi_ray.pipeline.streams`.
 """
@@ -52,27 +51,6 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
                  logging_level=level)
     console.quiet_ray(local=not address)
     _RAY["local"] = not address
-
-
-def exit_process(code: int, last_line: str | None = None) -> None:
-    """End a command-line process (``jobs/*.py``, ``python -m cdi_ray``) now: stop the Ray it
-    started, flush the output and logs, and exit without the interpreter's teardown, which takes
-    seconds once torch and Ray Data are loaded (module by module, thread by thread) and does
-    nothing a finished command needs. ``last_line`` is printed after Ray is stopped, so that no
-    forwarded worker log can follow it: it is the last line on stdout."""
-    import sys
-
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    if last_line is not None:
-        print(last_line)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def local_progress(total: int, label: str) -> console.ProgressBar | None:

@@ -31,13 +31,13 @@ from cdi_ray.requests import ledger as led
 from cdi_ray.requests.deliverable import RESULTS_FILE, decide_request, family_of, folder_of, write_deliverable
 from cdi_ray.requests.expand import audit_id, expand, inputs_hash
 from cdi_ray.requests.family import FAMILIES, batch_bh, family_max_permutations
+from cdi_ray.exits import EXIT_OK, EXIT_PARTIAL
 from cdi_ray.requests.intake import IntakeError, load_registry, read_requests
 from cdi_ray.spec import location_problems
 from cdi_ray.spec import output_root as configured_root
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
 #: Requests whose feature rows are copied together (each store partition is read once per chunk,
 #: so the driver holds at most this many requests' rows).
 DELIVER_CHUNK = 256
