@@ -43,15 +43,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _load_for_run(args: argparse.Namespace):
     """The manifest, with ``--out`` / ``--feature-store`` checked against the output root; Ray started."""
     from cdi_ray import load_manifest
-    from cdi_ray.pipeline.cluster import ensure_ray
-    from cdi_ray.spec import location_problems, output_root
+    from cdi_ray.pipeline.cluster import ensure_ray_while
+    from cdi_ray.spec import check_registries, location_problems, output_root
 
-    manifest = load_manifest(args.manifest, root=args.output_root)
     outside = location_problems({"--out": args.out, "--feature-store": args.feature_store}, output_root(args.output_root))
     if outside:
         raise UserError("; ".join(outside))
-    ensure_ray(args.address, num_cpus=args.num_cpus)
-    return manifest
+    # the feature options and test procedures (seconds of imports) are checked while Ray starts
+    manifest = load_manifest(args.manifest, root=args.output_root, registries=False)
+    return ensure_ray_while(lambda: check_registries(manifest, args.manifest), args.address, num_cpus=args.num_cpus)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:

@@ -87,20 +87,22 @@ def smoke_manifest(workdir: str) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     from cdi_ray import ManifestError, load_manifest
-    from cdi_ray.pipeline.cluster import ensure_ray
-    from cdi_ray.spec import location_problems, output_root
+    from cdi_ray.pipeline.cluster import ensure_ray_while
+    from cdi_ray.spec import check_registries, location_problems, output_root
     from cdi_ray.storage import UnwritableLocation
 
-    path = args.manifest or smoke_manifest(tempfile.mkdtemp(prefix="cdi-ray-smoke-"))
     root = output_root(getattr(args, "output_root", None))
+    outside = location_problems({"--out": args.out, "--feature-store": args.feature_store}, root)
+    if outside:  # refused before Ray starts
+        return {"exit_code": EXIT_INVALID, "error": "; ".join(outside)}
+    path = args.manifest or smoke_manifest(tempfile.mkdtemp(prefix="cdi-ray-smoke-"))
     try:
-        manifest = load_manifest(path, root=root)
+        # structure, names, paths, values: before Ray starts (no torch); the feature options and test
+        # procedures (seconds of imports) are checked while it starts
+        manifest = load_manifest(path, root=root, registries=False)
+        manifest = ensure_ray_while(lambda: check_registries(manifest, path), args.address, num_cpus=args.num_cpus)
     except ManifestError as exc:
         return {"exit_code": EXIT_INVALID, "error": str(exc)}
-    outside = location_problems({"--out": args.out, "--feature-store": args.feature_store}, root)
-    if outside:
-        return {"exit_code": EXIT_INVALID, "error": "; ".join(outside)}
-    ensure_ray(args.address, num_cpus=args.num_cpus)
     try:
         return _run(args, manifest)
     except UnwritableLocation as exc:  # probed before anything is listed or computed

@@ -37,14 +37,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     from cdi_ray import ManifestError, load_manifest
-    from cdi_ray.pipeline.cluster import ensure_ray
+    from cdi_ray.pipeline.cluster import ensure_ray_while
     from cdi_ray.pipeline.nightly import run_nightly
+    from cdi_ray.spec import check_registries
 
-    try:
-        manifest = load_manifest(args.manifest)
+    try:  # the feature options and test procedures are checked while Ray starts
+        manifest = load_manifest(args.manifest, registries=False)
+        manifest = ensure_ray_while(lambda: check_registries(manifest, args.manifest), args.address,
+                                    num_cpus=args.num_cpus)
     except ManifestError as exc:
         return {"exit_code": EXIT_INVALID, "error": str(exc)}
-    ensure_ray(args.address, num_cpus=args.num_cpus)
     res = run_nightly(manifest, date=args.date, root=args.root, feature_store=args.feature_store, rehash=args.rehash)
     return {"exit_code": res["exit_code"], "output": res["output"], "previous": res["previous"],
             "summary": res["summary"], "new_used": [u["audit_id"] for u in res["diff"]["new_used"]],

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from cdi_ray.spec import ListFile, Manifest, ManifestError, json_schema, load_manifest, parse_manifest
+from cdi_ray.spec import ListFile, Manifest, ManifestError, check_registries, json_schema, load_manifest, parse_manifest
 
 SMALLEST = textwrap.dedent("""\
     models: {sd-mini: {uri: s3://models/sd-mini}}
@@ -147,6 +147,24 @@ def test_feature_settings_checked_against_registry_and_access():
     assert p[0].startswith("audits[0].overrides: invalid overrides for feature 'pia'")
     # a valid explicit feature list with overrides is accepted
     parse_manifest(base(features=["dl", "pia"], overrides={"dl": {"n_draws": 2}}))
+
+
+@pytest.mark.parametrize("audit", [
+    {"preset": "white-box"},  # needs gradients, the model is gray-box
+    {"features": ["dl", "foo"]},
+    {"overrides": {"pia": {"q": 1}}, "test": {"procedure": "splt"}},
+    {"test": {"procedure": "split", "options": {"nope": 1}}},
+])
+def test_registry_checks_deferred_report_the_same_problems(audit):
+    """Commands check the feature options and test procedures while Ray starts (registries=False, then
+    check_registries): the same problems, worded the same, as one full validation."""
+    data = base(**audit)
+    data["models"]["m"]["access"] = "gray-box"
+    structural = parse_manifest(data, registries=False)  # nothing else is wrong
+    with pytest.raises(ManifestError) as exc:
+        check_registries(structural)
+    assert exc.value.problems == problems(data)
+    assert check_registries(parse_manifest(base(), registries=False)) == parse_manifest(base())
 
 
 def test_test_settings_checked_against_procedures():

@@ -339,6 +339,18 @@ class FeatureActor:
         return feature_table(self.stage, batch, self.actor_id)
 
 
+def import_model_stack() -> int:
+    """Import what :func:`warm_features` needs to load a model and extract features, in this worker
+    process (:func:`cdi_ray.pipeline.streams.prewarm_task_worker`); returns the process id."""
+    import diffusers
+
+    from cdi_ray.features.extractor import FeatureExtractor  # noqa: F401
+    from cdi_ray.models.loader import load_model  # noqa: F401
+
+    diffusers.ModelMixin  # noqa: B018 — diffusers imports lazily: this pulls in its model machinery
+    return os.getpid()
+
+
 #: The model a task worker process loaded last (``FeatureStage.model_key`` → model): at most one.
 _WARM_MODEL: dict[tuple, Any] = {}
 

@@ -1,6 +1,7 @@
 """Ray start-up and the pools a run keeps: where the pipeline meets the cluster.
 
 * :func:`ensure_ray` — join ``$RAY_ADDRESS`` (``ray job submit`` sets it) or start a local Ray;
+  :func:`ensure_ray_while` — the same while the manifest is validated in another thread;
 * :func:`call` / :func:`call_many` — run a Ray-free function of the pipeline as a Ray task, so
   that what it holds per image lives on a worker, never on the driver;
 * :func:`actor_pool` — actor pools kept across runs of one driver (the aggregators);
@@ -51,6 +52,23 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
                  logging_level=level)
     console.quiet_ray(local=not address)
     _RAY["local"] = not address
+
+
+def ensure_ray_while(prepare: Callable[[], T], address: str | None = None, *, num_cpus: int | None = None) -> T:
+    """Start (or join) Ray here while ``prepare()`` runs in another thread, and return its result.
+
+    A command checks its manifest against the feature registry and the test procedures (seconds
+    of imports: torch, SciPy, scikit-learn: :func:`cdi_ray.spec.check_registries`) and starts a
+    local Ray (seconds of waiting for its daemons): side by side they overlap. Ray starts in the
+    calling thread — the main thread — because a local Ray's daemons are bound to the thread that
+    started them. What ``prepare`` raises is raised here, once Ray is up (the command's exit stops
+    it again); everything cheaper to check is checked before, so a manifest with a typo starts no Ray."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="cdi-ray-prepare") as pool:
+        prepared = pool.submit(prepare)
+        ensure_ray(address, num_cpus=num_cpus)
+        return prepared.result()
 
 
 def local_progress(total: int, label: str) -> console.ProgressBar | None:

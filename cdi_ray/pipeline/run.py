@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from cdi_ray import storage
-from cdi_ray.pipeline import cluster
+from cdi_ray.pipeline import cluster, streams
 from cdi_ray.pipeline.aggregate import MAX_AGGREGATORS, AuditOutcomes, aggregate, start_aggregators
 from cdi_ray.pipeline.compute import MAX_CONCURRENT_MODELS, FeatureCounts, compute_descriptors, compute_features
 from cdi_ray.pipeline.describe import ModelInfos, describe_models
@@ -153,6 +153,7 @@ def run_manifest(manifest: Manifest, out: str | None = None, *, feature_store: s
     run.check_writable()
     cluster.ensure_ray()
     cluster.prefetch_imports()
+    streams.prewarm_task_worker(manifest.models)
     listings, models, hashed, plan = plan_stages(manifest, run, rehash)                            # 1–4
     start_aggregators(plan, max_aggregators)
     features: FeatureCounts = compute_features(plan, manifest, run.store,                          # 5

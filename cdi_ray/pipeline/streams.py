@@ -10,14 +10,19 @@ the driver — the rows themselves go to the feature store or the run's folder.
   the task worker process between streams and runs) → one atomic part file per batch and config
   in the store;
 * :func:`descriptor_stream` — images whose descriptors no feature stream computed → decode,
-  describe (CPU tasks) → the store's descriptor partition.
+  describe (CPU tasks) → the store's descriptor partition;
+* :func:`prewarm_task_worker` — the model stack imported in a task worker while the driver lists,
+  hashes and plans, for the warm tasks of a small CPU stream.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
 from cdi_ray import console
+
+log = logging.getLogger(__name__)
 
 #: Images per decoding task call: a batch of decoded 512×512×3 float32 images stays ~200 MB.
 DECODE_BATCH = 64
@@ -38,6 +43,39 @@ def uses_warm_tasks(model_spec, images: int) -> bool:
     if model_spec.pool != "auto":
         return model_spec.pool == "tasks"
     return model_spec.resolved_device == "cpu" and images <= WARM_TASK_IMAGES
+
+
+#: Prewarm tasks not yet awaited by a stream (driver side).
+_PREWARMING: list = []
+#: Longest a warm-task stream waits for a prewarm still importing.
+PREWARM_WAIT_S = 30.0
+
+
+def prewarm_task_worker(models: dict) -> None:
+    """Import the model stack (torch, diffusers' model classes, the extractors: ≈ 5 s of CPU) in a
+    task worker process now, while the driver lists, hashes and plans, when a stream of ``models``
+    (name → ``ModelSpec``) may run in warm tasks. The worker is idle again by the time the stream
+    starts, and Ray hands a new task the most recently idle worker: the stream's first task finds
+    the imports done instead of paying them on the critical path. Fire and forget: nothing waits
+    for it, and on a cluster it merely warms one more worker."""
+    import ray
+
+    from cdi_ray.pipeline.actors import import_model_stack
+
+    warm = [spec for spec in models.values() if spec.pool != "actors" and spec.resolved_device == "cpu"]
+    if warm:
+        _PREWARMING.append(ray.remote(num_cpus=warm[0].num_cpus, max_retries=0)(import_model_stack).remote())
+
+
+def _await_prewarm(timeout: float = PREWARM_WAIT_S) -> None:
+    """Before a warm-task stream starts: let a prewarm still importing finish (else the stream's
+    first task would start a second worker and import the same stack beside it)."""
+    import ray
+
+    pending, _PREWARMING[:] = list(_PREWARMING), []
+    if pending:
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout)
+        log.info("prewarmed task worker(s): %s", [ray.get(r) for r in done])
 
 
 @dataclass
@@ -102,6 +140,8 @@ def feature_stream(stream, model_spec, store_root: str, transient_dir: str,
                                          warm_features, write_batch)
 
     warm = uses_warm_tasks(model_spec, stream.images)
+    if warm:
+        _await_prewarm()
     # warm tasks: one block per task slot, so the stream's batches run in as few worker processes as
     # its pool allows (each new process would import the model stack again)
     ds = _read(stream.work, stream.images, max_blocks=model_spec.max_replicas if warm else None)

@@ -46,7 +46,8 @@ copied into reports) is refused. With an output root configured (``--output-root
 * :mod:`.messages` — validation errors as readable ``field: what — fix`` lines;
 * :mod:`.loading` — YAML/JSON from a path or ``s3://``, relative paths, the output root.
 """
-from cdi_ray.spec.loading import OUTPUT_ROOT_ENV, load_manifest, location_problems, output_root, parse_manifest
+from cdi_ray.spec.loading import (OUTPUT_ROOT_ENV, check_registries, load_manifest, location_problems, output_root,
+                                  parse_manifest)
 from cdi_ray.spec.messages import ManifestError
 from cdi_ray.spec.schema import (AUDIT_ID_PATTERN, MODEL_NAME_PATTERN, SHARD_SOURCES, Access, AuditSpec, ControlsSpec,
                                  FdrSpec, ImageFolder, LabelsSpec, ListFile, Manifest, ModelSpec, ParquetShards, Preset,
@@ -55,4 +56,4 @@ from cdi_ray.spec.schema import (AUDIT_ID_PATTERN, MODEL_NAME_PATTERN, SHARD_SOU
 __all__ = ["Manifest", "ModelSpec", "AuditSpec", "TestSpec", "ControlsSpec", "LabelsSpec", "FdrSpec", "ListFile",
            "ImageFolder", "WebDatasetShards", "ParquetShards", "Source", "SHARD_SOURCES", "Access", "Preset",
            "AUDIT_ID_PATTERN", "MODEL_NAME_PATTERN", "shard_source", "source_uris", "json_schema", "ManifestError",
-           "load_manifest", "parse_manifest", "location_problems", "output_root", "OUTPUT_ROOT_ENV"]
+           "load_manifest", "parse_manifest", "check_registries", "location_problems", "output_root", "OUTPUT_ROOT_ENV"]

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from cdi_ray.redaction import shorten, shown
 from cdi_ray.spec.messages import ManifestError, _problems
-from cdi_ray.spec.schema import SHARD_SOURCES, ListFile, Manifest, WebDatasetShards
+from cdi_ray.spec.schema import DEFER_REGISTRIES, SHARD_SOURCES, ListFile, Manifest, WebDatasetShards
 
 #: Largest manifest file read (bytes): a batch of 10,000 audits is ~3 MB of YAML.
 MAX_MANIFEST_BYTES = 32 << 20
@@ -114,15 +114,17 @@ def location_problems(locations: dict[str, str | None], root: str | None) -> lis
 
 
 def parse_manifest(data: Any, *, base_dir: str | None = None, source: str | None = None,
-                   root: str | None = None) -> Manifest:
+                   root: str | None = None, registries: bool = True) -> Manifest:
     """Validate already-parsed manifest data; relative local paths resolve against ``base_dir``.
 
     ``root`` (default :func:`output_root`): ``output`` and ``feature_store`` must lie under it.
+    ``registries=False`` leaves the checks against the feature registry and the test procedures
+    (seconds of imports) for :func:`check_registries`: a command runs them while Ray starts.
     """
     if not isinstance(data, dict):
         raise ManifestError([f"(manifest): expected a mapping with keys models, audits, output; got {type(data).__name__}"], source)
     try:
-        manifest = Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data, context={DEFER_REGISTRIES: not registries})
     except ValidationError as exc:
         raise ManifestError(_problems(exc), source) from None
     if base_dir is not None:
@@ -133,8 +135,21 @@ def parse_manifest(data: Any, *, base_dir: str | None = None, source: str | None
     return manifest
 
 
-def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None) -> Manifest:
-    """Read, parse and validate a manifest (local path, ``file://`` or ``s3://``); ``root`` as in :func:`parse_manifest`.
+def check_registries(manifest: Manifest, source: str | None = None) -> Manifest:
+    """The checks :func:`parse_manifest` left out with ``registries=False``; the manifest if it passes.
+
+    Raises:
+        ManifestError: the same problems, worded the same, as a full validation reports.
+    """
+    problems = manifest.registry_problems()
+    if problems:
+        raise ManifestError(problems, source)
+    return manifest
+
+
+def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None, registries: bool = True) -> Manifest:
+    """Read, parse and validate a manifest (local path, ``file://`` or ``s3://``); ``root`` and
+    ``registries`` as in :func:`parse_manifest`.
 
     Raises:
         ManifestError: the file is unreadable, not YAML/JSON, or invalid; ``.problems`` lists each issue.
@@ -165,7 +180,7 @@ def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None) ->
         raise ManifestError([f"(file): nested deeper than Python can parse — a manifest is a few levels deep"],
                             uri) from None
     base_dir = None if storage.is_remote(uri) else str(Path(storage.local_path(uri)).parent)
-    return parse_manifest(data, base_dir=base_dir, source=uri, root=root)
+    return parse_manifest(data, base_dir=base_dir, source=uri, root=root, registries=registries)
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

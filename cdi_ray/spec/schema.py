@@ -12,7 +12,7 @@ import hashlib
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cdi_ray.redaction import shown
 from cdi_ray.spec.limits import _NO_CREDENTIALS, INT64_MAX, value_problems
@@ -300,6 +300,11 @@ class FdrSpec(_Spec):
     q: float = Field(0.05, gt=0, lt=1, description="target false-discovery rate")
 
 
+#: Validation context key: leave the feature-registry and test-procedure checks for later
+#: (:meth:`Manifest.registry_problems`).
+DEFER_REGISTRIES = "defer_registries"
+
+
 class Manifest(_Spec):
     """A batch of audits."""
 
@@ -317,7 +322,7 @@ class Manifest(_Spec):
         return v if v is None else _check_uri(v)
 
     @model_validator(mode="after")
-    def _cross_references(self) -> "Manifest":
+    def _cross_references(self, info: ValidationInfo) -> "Manifest":
         problems = value_problems(self.model_dump(mode="python"))  # what the writers cannot store or must not see
         if problems:
             raise ValueError("\n".join(problems))
@@ -334,13 +339,22 @@ class Manifest(_Spec):
                 problems.append(
                     f"audits[{i}].model: unknown model {a.model!r} — use one of the names under `models:` ({known})"
                 )
-            else:
-                problems.extend(self._feature_problems(i, a))
-                problems.extend(self._reference_problems(i, a))
-            problems.extend(_test_problems(i, a.test))
+            if not (info.context or {}).get(DEFER_REGISTRIES):
+                problems.extend(self._registry_problems(i, a))
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def registry_problems(self) -> list[str]:
+        """The checks against the feature registry and the test procedures (they import torch, SciPy
+        and scikit-learn: seconds), for a manifest validated with ``context={DEFER_REGISTRIES: True}``
+        — :func:`cdi_ray.spec.load_manifest` with ``registries=False``."""
+        return [p for i, a in enumerate(self.audits) for p in self._registry_problems(i, a)]
+
+    def _registry_problems(self, i: int, a: AuditSpec) -> list[str]:
+        known = a.model in self.models
+        return [*(self._feature_problems(i, a) + self._reference_problems(i, a) if known else []),
+                *_test_problems(i, a.test)]
 
     def _feature_problems(self, i: int, a: AuditSpec) -> list[str]:
         """Check preset / features / overrides with the feature registry (imported lazily: torch)."""
