@@ -21,4 +21,5 @@ mkdir -p test-artifacts  # screenshots of the rendered reports land here
 unset PYTHONPATH PYTHONHOME PYTHONUSERBASE
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"  # `ray`, `cdi-ray` and `python` are the environment's own
-exec python -m pytest -q "$@"
+# two workers (PYTEST_WORKERS): each test module runs whole on one of them (tests/conftest.py)
+exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -9,12 +9,15 @@
   test module uses buckets of its own; tests that inject faults clear the proxy's rules after.
 * ``ray_head``: ONE real ``ray start --head`` cluster for the session's ``ray job submit`` tests
   (tests/_ray_head.py), started by the first test that asks for it.
-* ``ray_session``: ONE local Ray for the session (8 logical CPUs on the 2-core CI box: a read →
+* ``ray_session``: ONE local Ray for the session (16 logical CPUs on the 2-core CI box: a read →
   decode → actor → write stream deadlocks on 2), started inside that environment so workers
   inherit it — the S3 secret reaches no runtime_env, job or log record. A Ray start-up costs
   seconds; sharing one keeps the suite within its budget. Only tests that need a cluster of a
   different kind start their own, and say why (``ray start --head`` for ``ray job submit``; a
   CLI subprocess that must start a local Ray to show the local progress bar).
+
+A "session" is one pytest-xdist worker's: scripts/test.sh runs two, so the whole suite starts two
+session Rays and two S3 servers, and one head (``pytest_collection_modifyitems`` below).
 """
 from __future__ import annotations
 
@@ -28,6 +31,18 @@ from cdi_ray.models import testing
 from _fault_proxy import FaultProxy
 from _ray_head import ray_head_cluster
 from _pipeline_helpers import S3_SECRET, env, moto_s3
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """scripts/test.sh runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``); each
+    worker is a test session of its own, with its own session fixtures — one Ray, one S3 server.
+    Every test module is one group, so it runs whole on one worker and its module fixtures are
+    built once (``--dist loadfile``); the ``ray job submit`` modules (``xdist_group("ray_head")``)
+    share a group, so only one worker starts a head."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 
 # The tiny test models run ~100x faster on one intra-op thread than on an oversubscribed pool
 # (a 16x16 conv: 0.5 ms vs 50 ms on a busy 2-core CI box); nothing in the suite needs more.

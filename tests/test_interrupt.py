@@ -118,7 +118,9 @@ def _guarded(mode: str, interrupt: bool) -> tuple[subprocess.CompletedProcess, f
         t0 = time.time()
         if interrupt:
             proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)  # its output is a few lines: the pipes hold it
+        # read through the same buffered files as "ready" (communicate() would skip what they hold)
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from _pipeline_helpers import write_images
 from _ray_head import last_json, submit
 
+pytestmark = pytest.mark.xdist_group("ray_head")  # one head for both modules (tests/conftest.py)
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 420
 

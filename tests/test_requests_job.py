@@ -15,6 +15,7 @@ from cdi_ray.requests import verify_request
 from _pipeline_helpers import write_images
 from _ray_head import last_json, submit
 
+pytestmark = pytest.mark.xdist_group("ray_head")  # one head for both modules (tests/conftest.py)
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 420
 
