@@ -30,6 +30,14 @@ from test_faults import stored_rows, wait_for
 N = 48  # images per collection
 
 
+def ctrl_c_reaches_it() -> None:
+    """In the child before it starts: SIGINT back to its default. A suite started in the background
+    by a non-interactive shell (as CI may be) inherits SIGINT *ignored*, and so would the driver —
+    which then, rightly, keeps ignoring it (cdi_ray.exits.InterruptGuard leaves an ignored SIGINT
+    alone, as for `nohup … &`). These tests play a user pressing Ctrl-C at a foreground command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow  # a driver process of its own: ~30 s on the 2-core CI box (imports, listing, the stream's start)
 def test_sigint_during_compute_stops_keeps_the_store_and_exits_130(ray_session, tmp_path):
     from cdi_ray.pipeline.run import plan_manifest
@@ -57,7 +65,8 @@ def test_sigint_during_compute_stops_keeps_the_store_and_exits_130(ray_session, 
                "import runpy, sys, cdi_ray.pipeline.streams as s; s.WRITE_BATCH = s.ROWS_PER_BLOCK = 2; "
                f"sys.argv = sys.argv[1:]; runpy.run_path({script!r}, run_name='__main__')",
                script, str(man), "--address", ray_session.address]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=ctrl_c_reaches_it)
     try:
         # mid-compute: the plan is written, then the stream's actor starts and computes (≈ 20 s here). Not
         # "after the first stored row": inside a busy session Ray the stream's writes can lag to its end
@@ -112,6 +121,7 @@ run_job(main, None, "test")
 
 def _guarded(mode: str, interrupt: bool) -> tuple[subprocess.CompletedProcess, float]:
     proc = subprocess.Popen([sys.executable, "-c", GUARDED, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=ctrl_c_reaches_it,
                             text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
