@@ -102,7 +102,11 @@ from cdi_ray.exits import InterruptGuard, run_job
 mode = sys.argv[1]
 if mode == "hang":  # a clean stop that never finishes, like a shutdown waiting on a stuck thread
     InterruptGuard(json.dumps({"exit_code": 130, "interrupted": True}), grace=1.0).install()
-    print("ready", flush=True)
+    try:
+        print("ready", flush=True)  # inside the try: the signal may land right after it
+        time.sleep(60)
+    except KeyboardInterrupt:
+        pass
     while True:
         try:
             time.sleep(60)
