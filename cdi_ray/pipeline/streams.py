@@ -64,7 +64,8 @@ def prewarm_task_worker(models: dict) -> None:
 
     warm = [spec for spec in models.values() if spec.pool != "actors" and spec.resolved_device == "cpu"]
     if warm:
-        _PREWARMING.append(ray.remote(num_cpus=warm[0].num_cpus, max_retries=0)(import_model_stack).remote())
+        # the latest only: a driver that runs batch after batch of actor streams keeps no old handles
+        _PREWARMING[:] = [ray.remote(num_cpus=warm[0].num_cpus, max_retries=0)(import_model_stack).remote()]
 
 
 def _await_prewarm(timeout: float = PREWARM_WAIT_S) -> None:
