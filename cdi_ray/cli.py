@@ -18,6 +18,10 @@ from cdi_ray.exits import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 
 log = logging.getLogger("cdi_ray")
 
+#: What Ctrl-C prints (the jobs print the JSON summary of cdi_ray.exits instead).
+INTERRUPTED_LINE = ("interrupted: the feature streams were stopped; the features already stored are kept — run the same "
+                    "command again to compute only the rest")
+
 
 class UserError(Exception):
     """An error in what the user asked for; printed without a traceback, exit code 2."""
@@ -42,16 +46,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _load_for_run(args: argparse.Namespace):
     """The manifest, with ``--out`` / ``--feature-store`` checked against the output root; Ray started."""
-    from cdi_ray import load_manifest
-    from cdi_ray.pipeline.cluster import ensure_ray_while
-    from cdi_ray.spec import check_registries, location_problems, output_root
+    from cdi_ray.pipeline.cluster import load_manifest_starting_ray
+    from cdi_ray.spec import location_problems, output_root
 
     outside = location_problems({"--out": args.out, "--feature-store": args.feature_store}, output_root(args.output_root))
     if outside:
         raise UserError("; ".join(outside))
-    # the feature options and test procedures (seconds of imports) are checked while Ray starts
-    manifest = load_manifest(args.manifest, root=args.output_root, registries=False)
-    return ensure_ray_while(lambda: check_registries(manifest, args.manifest), args.address, num_cpus=args.num_cpus)
+    return load_manifest_starting_ray(args.manifest, root=args.output_root, address=args.address,
+                                      num_cpus=args.num_cpus)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -286,10 +288,6 @@ def _is_user_error(exc: Exception) -> bool:
     except ImportError:
         return False
     return isinstance(exc, ImageError)
-
-
-INTERRUPTED_LINE = ("interrupted: the feature streams were stopped; the features already stored are kept — run the same "
-                    "command again to compute only the rest")
 
 
 def run() -> None:

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable, NoReturn
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -103,7 +104,7 @@ class InterruptGuard:
 
     def _watch(self) -> None:
         self._tripped.wait()
-        threading.Event().wait(self.grace)
+        time.sleep(self.grace)
         # the clean stop has not ended the process in time: end it here, without Ray's shutdown (the
         # cluster ends this driver's tasks and actors when its connection drops). The lock waits for
         # a clean ending that is already printing.

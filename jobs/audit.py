@@ -86,9 +86,9 @@ def smoke_manifest(workdir: str) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from cdi_ray import ManifestError, load_manifest
-    from cdi_ray.pipeline.cluster import ensure_ray_while
-    from cdi_ray.spec import check_registries, location_problems, output_root
+    from cdi_ray import ManifestError
+    from cdi_ray.pipeline.cluster import load_manifest_starting_ray
+    from cdi_ray.spec import location_problems, output_root
     from cdi_ray.storage import UnwritableLocation
 
     root = output_root(getattr(args, "output_root", None))
@@ -97,10 +97,7 @@ def main(args: argparse.Namespace) -> dict:
         return {"exit_code": EXIT_INVALID, "error": "; ".join(outside)}
     path = args.manifest or smoke_manifest(tempfile.mkdtemp(prefix="cdi-ray-smoke-"))
     try:
-        # structure, names, paths, values: before Ray starts (no torch); the feature options and test
-        # procedures (seconds of imports) are checked while it starts
-        manifest = load_manifest(path, root=root, registries=False)
-        manifest = ensure_ray_while(lambda: check_registries(manifest, path), args.address, num_cpus=args.num_cpus)
+        manifest = load_manifest_starting_ray(path, root=root, address=args.address, num_cpus=args.num_cpus)
     except ManifestError as exc:
         return {"exit_code": EXIT_INVALID, "error": str(exc)}
     try:

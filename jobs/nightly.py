@@ -36,15 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from cdi_ray import ManifestError, load_manifest
-    from cdi_ray.pipeline.cluster import ensure_ray_while
+    from cdi_ray import ManifestError
+    from cdi_ray.pipeline.cluster import load_manifest_starting_ray
     from cdi_ray.pipeline.nightly import run_nightly
-    from cdi_ray.spec import check_registries
 
-    try:  # the feature options and test procedures are checked while Ray starts
-        manifest = load_manifest(args.manifest, registries=False)
-        manifest = ensure_ray_while(lambda: check_registries(manifest, args.manifest), args.address,
-                                    num_cpus=args.num_cpus)
+    try:
+        manifest = load_manifest_starting_ray(args.manifest, address=args.address, num_cpus=args.num_cpus)
     except ManifestError as exc:
         return {"exit_code": EXIT_INVALID, "error": str(exc)}
     res = run_nightly(manifest, date=args.date, root=args.root, feature_store=args.feature_store, rehash=args.rehash)

@@ -169,15 +169,15 @@ def verdict_table(entries: list[dict], audits: list[DemoAudit]) -> str:
 def run_demo(out: str | os.PathLike = "demo-out", *, n: int | None = None, preset: str = DEFAULT_PRESET, seed: int = 0,
              models=DEMO_MODELS) -> dict:
     """Materialise, audit, and return ``{"table", "results", "output", "all_expected"}``."""
-    from cdi_ray import load_manifest, run_manifest
-    from cdi_ray.pipeline.cluster import ensure_ray_while
+    from cdi_ray import run_manifest
+    from cdi_ray.pipeline.cluster import load_manifest_starting_ray
 
     out = Path(out).resolve()
     collections = out / "bucket" / "fashion16"
     materialise(collections, n=n, seed=seed, models=models)
     manifest_path = write_manifest(out / "manifest.yaml", collections=collections, output=out / "results",
                                    models=models, preset=preset, seed=seed)
-    batch = run_manifest(ensure_ray_while(lambda: load_manifest(manifest_path)))  # validated while Ray starts
+    batch = run_manifest(load_manifest_starting_ray(str(manifest_path)))
     audits = demo_audits(models)
     by_id = {e["audit_id"]: e for e in batch.audits}
     return {

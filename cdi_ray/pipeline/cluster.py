@@ -1,7 +1,7 @@
 """Ray start-up and the pools a run keeps: where the pipeline meets the cluster.
 
 * :func:`ensure_ray` — join ``$RAY_ADDRESS`` (``ray job submit`` sets it) or start a local Ray;
-  :func:`ensure_ray_while` — the same while the manifest is validated in another thread;
+  :func:`load_manifest_starting_ray` — a command's manifest, its slow checks run while Ray starts;
 * :func:`call` / :func:`call_many` — run a Ray-free function of the pipeline as a Ray task, so
   that what it holds per image lives on a worker, never on the driver;
 * :func:`actor_pool` — actor pools kept across runs of one driver (the aggregators);
@@ -69,6 +69,22 @@ def ensure_ray_while(prepare: Callable[[], T], address: str | None = None, *, nu
         prepared = pool.submit(prepare)
         ensure_ray(address, num_cpus=num_cpus)
         return prepared.result()
+
+
+def load_manifest_starting_ray(uri: str, *, root: str | None = None, address: str | None = None,
+                               num_cpus: int | None = None):
+    """A command's manifest, validated, with Ray started or joined: its structure, names, paths and
+    values are checked first, without torch (a manifest with a typo starts no Ray); its feature
+    options and test procedures (:func:`cdi_ray.spec.check_registries`) while Ray starts.
+
+    Raises:
+        cdi_ray.spec.ManifestError: as :func:`cdi_ray.spec.load_manifest` (the registry problems
+            once Ray is up; the command's exit stops it again).
+    """
+    from cdi_ray.spec import check_registries, load_manifest
+
+    manifest = load_manifest(uri, root=root, registries=False)
+    return ensure_ray_while(lambda: check_registries(manifest, str(uri)), address, num_cpus=num_cpus)
 
 
 def local_progress(total: int, label: str) -> console.ProgressBar | None:

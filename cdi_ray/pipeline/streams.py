@@ -56,8 +56,8 @@ def prewarm_task_worker(models: dict) -> None:
     task worker process now, while the driver lists, hashes and plans, when a stream of ``models``
     (name → ``ModelSpec``) may run in warm tasks. The worker is idle again by the time the stream
     starts, and Ray hands a new task the most recently idle worker: the stream's first task finds
-    the imports done instead of paying them on the critical path. Fire and forget: nothing waits
-    for it, and on a cluster it merely warms one more worker."""
+    the imports done instead of paying them on the critical path. Nothing waits for it but a
+    warm-task stream (:func:`_await_prewarm`); on a cluster it merely warms one more worker."""
     import ray
 
     from cdi_ray.pipeline.actors import import_model_stack
