@@ -22,4 +22,4 @@ unset PYTHONPATH PYTHONHOME PYTHONUSERBASE
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"  # `ray`, `cdi-ray` and `python` are the environment's own
 # two workers (PYTEST_WORKERS): each test module runs whole on one of them (tests/conftest.py)
-exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"
+exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -67,3 +67,21 @@ def env(values: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def write_request_files(root: Path, model_dir, rows: list[dict]) -> tuple[Path, Path]:
+    """A bulk request CSV (``rows``) and a registry with one tiny gray-box model, for jobs/requests.py."""
+    import csv
+
+    import yaml
+
+    registry = root / "registry.yaml"
+    registry.write_text(yaml.safe_dump({
+        "models": {"tiny": {"uri": str(model_dir), "access": "gray-box", "batch_size": 16}},
+        "defaults": {"features": ["dl"], "overrides": {"dl": {"n_draws": 1}}, "test": {"min_samples": 5}}}))
+    requests = root / "requests.csv"
+    with open(requests, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["request_id", "owner", "published", "unpublished"])
+        w.writeheader()
+        w.writerows(rows)
+    return requests, registry

@@ -16,8 +16,12 @@
   different kind start their own, and say why (``ray start --head`` for ``ray job submit``; a
   CLI subprocess that must start a local Ray to show the local progress bar).
 
-A "session" is one pytest-xdist worker's: scripts/test.sh runs two, so the whole suite starts two
-session Rays and two S3 servers, and one head (``pytest_collection_modifyitems`` below).
+A "session" is one pytest-xdist worker's: scripts/test.sh runs two with ``--dist loadfile``, so each
+test module runs whole on one worker (its module fixtures are built once), and the whole suite
+starts two session Rays, two S3 servers and one head (the ``ray job submit`` tests are one module,
+tests/test_job_submit.py). (``--dist loadgroup`` with ``xdist_group`` marks does not group under
+pytest 9 with pytest-xdist 3.8: the group suffix xdist writes into ``item._nodeid`` is no longer
+what ``item.nodeid`` returns, so every module was spread over both workers.)
 """
 from __future__ import annotations
 
@@ -31,18 +35,6 @@ from cdi_ray.models import testing
 from _fault_proxy import FaultProxy
 from _ray_head import ray_head_cluster
 from _pipeline_helpers import S3_SECRET, env, moto_s3
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """scripts/test.sh runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``); each
-    worker is a test session of its own, with its own session fixtures — one Ray, one S3 server.
-    Every test module is one group, so it runs whole on one worker and its module fixtures are
-    built once (``--dist loadfile``); the ``ray job submit`` modules (``xdist_group("ray_head")``)
-    share a group, so only one worker starts a head."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
 
 # The tiny test models run ~100x faster on one intra-op thread than on an oversubscribed pool
 # (a 16x16 conv: 0.5 ms vs 50 ms on a busy 2-core CI box); nothing in the suite needs more.

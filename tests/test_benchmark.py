@@ -66,9 +66,10 @@ def test_gpu_mode_without_cuda_is_a_clear_error(bench_job, capsys):
 
 @pytest.mark.slow
 def test_pipeline_sections(bench_job, tmp_path, ray_session):
-    """Three child drivers on the session's Ray (≈ 30 s on an idle 2-core machine)."""
+    """Two child drivers on the session's Ray, one per section (each a new Ray job with cold workers,
+    ≈ 20 s on a 2-core machine); one scaling case — the ratio rows of two cases are plain arithmetic."""
     args = bench_job.parse_args(["--tiny", "--only", "e2e,scaling", "--preset", "gray-box", "--source", "local",
-                                 "--collections", "1,2", "--seconds", "0.05", "--workdir", str(tmp_path)])
+                                 "--collections", "2", "--seconds", "0.05", "--workdir", str(tmp_path)])
     rows, state = bench_job.run(args)
     assert set(state["e2e"]) == {"gray-box/local"}
     e2e = state["e2e"]["gray-box/local"]
@@ -76,5 +77,5 @@ def test_pipeline_sections(bench_job, tmp_path, ray_session):
     assert e2e["cpu_s"]["actors"] > 0  # the feature actor's process was found and charged
     assert len(_measures(rows, "e2e")) == 3
     loads = [r for r in rows if r.section == "scaling" and "model loads" in r.measure]
-    assert len(loads) == 2 and all(r.ok for r in loads)  # one load per actor, every image computed, audits done
-    assert [c["collections"] for c in state["scaling"]] == [1, 2]
+    assert len(loads) == 1 and all(r.ok for r in loads)  # one load per actor, every image computed, audits done
+    assert [c["collections"] for c in state["scaling"]] == [2]

@@ -13,7 +13,7 @@ from cdi_ray.controls.evidence import guarded_audit
 from cdi_ray.demo.bundle import load_bundle, load_split
 from cdi_ray.demo.features import demo_descriptors, demo_features
 
-N = 100
+N = 60
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,10 @@ def pools():
         "low": low[:N],
         "high": high[:N],
     }
-    out = {}
-    for k, idx in sets.items():
-        X, _, _ = demo_features("easy", idx, preset="gray-box", cache=None)
-        out[k] = (X, demo_descriptors(idx))
-    return out
+    union = np.unique(np.concatenate(list(sets.values())))  # each image's features once (the sets overlap)
+    X, _, _ = demo_features("easy", union, preset="gray-box", cache=None)
+    D = demo_descriptors(union)
+    return {k: (X[np.searchsorted(union, idx)], D[np.searchsorted(union, idx)]) for k, idx in sets.items()}
 
 
 def _audit(pools, p_parts, u_part):
