@@ -21,5 +21,6 @@ mkdir -p test-artifacts  # screenshots of the rendered reports land here
 unset PYTHONPATH PYTHONHOME PYTHONUSERBASE
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"  # `ray`, `cdi-ray` and `python` are the environment's own
-# two workers (PYTEST_WORKERS): each test module runs whole on one of them (tests/conftest.py)
-exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+# two workers (PYTEST_WORKERS): each test module runs whole on one of them, longest modules first
+# (tests/conftest.py)
+exec python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

@@ -17,7 +17,8 @@
   CLI subprocess that must start a local Ray to show the local progress bar).
 
 A "session" is one pytest-xdist worker's: scripts/test.sh runs two with ``--dist loadfile``, so each
-test module runs whole on one worker (its module fixtures are built once), and the whole suite
+test module runs whole on one worker (its module fixtures are built once; the longest modules go
+first, ``pytest_collection_modifyitems`` below), and the whole suite
 starts two session Rays, two S3 servers and one head (the ``ray job submit`` tests are one module,
 tests/test_job_submit.py). (``--dist loadgroup`` with ``xdist_group`` marks does not group under
 pytest 9 with pytest-xdist 3.8: the group suffix xdist writes into ``item._nodeid`` is no longer
@@ -35,6 +36,25 @@ from cdi_ray.models import testing
 from _fault_proxy import FaultProxy
 from _ray_head import ray_head_cluster
 from _pipeline_helpers import S3_SECRET, env, moto_s3
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first, so that the two workers end together: xdist hands out whole
+    modules in this order (scripts/test.sh: ``--dist loadfile --no-loadscope-reorder``), and a
+    module that needs the ``ray job submit`` head, a ``slow`` test or the session's Ray costs
+    seconds to minutes where the rest cost fractions of one. Modules stay whole (stable sort)."""
+    def rank(item) -> int:
+        if "ray_head" in item.fixturenames:
+            return 0
+        if item.get_closest_marker("slow") is not None:
+            return 1
+        return 2 if "ray_session" in item.fixturenames else 3
+
+    module_rank: dict[str, int] = {}
+    for item in items:
+        module_rank[item.module.__name__] = min(module_rank.get(item.module.__name__, 3), rank(item))
+    items.sort(key=lambda item: module_rank[item.module.__name__])
+
 
 # The tiny test models run ~100x faster on one intra-op thread than on an oversubscribed pool
 # (a 16x16 conv: 0.5 ms vs 50 ms on a busy 2-core CI box); nothing in the suite needs more.

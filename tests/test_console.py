@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from cdi_ray.console import ProgressBar, format_duration
@@ -72,6 +73,7 @@ def test_write_batches_publish_rows_as_they_are_computed():
         assert rows / size >= min(MIN_WRITES_PER_STREAM, rows / 32) - 1e-9 or size == WRITE_BATCH
 
 
+@pytest.mark.slow  # a CLI process that starts its own local Ray
 def test_cli_audit_is_quiet_and_shows_progress(tmp_path, tiny_pixel_dir):
     """A CLI audit on a local Ray: the summary and one progress bar — no INFO lines, no Ray chatter.
 

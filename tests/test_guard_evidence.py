@@ -14,6 +14,7 @@ from cdi_ray.demo.bundle import load_bundle, load_split
 from cdi_ray.demo.features import demo_descriptors, demo_features
 
 N = 60
+pytestmark = pytest.mark.slow  # ≈ 20 s: features of ~300 images in process
 
 
 @pytest.fixture(scope="module")
