@@ -17,7 +17,6 @@ import zlib
 
 import numpy as np
 import pytest
-import ray
 import yaml
 from PIL import Image
 

@@ -1,8 +1,6 @@
 """The embedded default, end to end through the Ray pipeline, at a small n."""
 import json
 
-import pytest
-
 from cdi_ray.demo.audit import demo_audits, materialise, run_demo
 from cdi_ray.images import content_hash
 

@@ -24,7 +24,6 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
 
 from cdi_ray.pipeline import streams as streams_module

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from cdi_ray import storage
 from cdi_ray.models import load_model
 from cdi_ray.models.fingerprint import model_fingerprint
 from cdi_ray.pipeline.model_cache import FETCH_RECORD, materialize_model

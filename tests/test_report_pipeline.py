@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import ray
-
 from cdi_ray.pipeline.run import run_manifest
 from cdi_ray.spec import parse_manifest
 from _pipeline_helpers import write_images

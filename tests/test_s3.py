@@ -11,8 +11,6 @@ from __future__ import annotations
 import glob
 import os
 
-import boto3
-from botocore.config import Config
 import pytest
 
 from cdi_ray import storage

@@ -1,9 +1,6 @@
 """Scale (small, CPU): 200 audits over 2 models with shared U sets; every image computed once per model."""
 from __future__ import annotations
 
-import pytest
-import ray
-
 from cdi_ray.models.testing import make_tiny_pixel_ddpm
 from cdi_ray.pipeline.run import run_manifest
 from cdi_ray.spec import parse_manifest

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import os
 
-import boto3
 import pytest
 
 from cdi_ray import storage
-from _pipeline_helpers import env, moto_s3
 
 
 # ---------------------------------------------------------------------------------------------- local

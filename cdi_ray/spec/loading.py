@@ -177,7 +177,7 @@ def load_manifest(path_or_uri: str | os.PathLike, *, root: str | None = None, re
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ManifestError([f"(file): not valid YAML/JSON — {shorten(str(exc), 400)}"], uri) from None
     except RecursionError:  # JSON nested thousands deep (the YAML loader stops at MAX_NESTING)
-        raise ManifestError([f"(file): nested deeper than Python can parse — a manifest is a few levels deep"],
+        raise ManifestError(["(file): nested deeper than Python can parse — a manifest is a few levels deep"],
                             uri) from None
     base_dir = None if storage.is_remote(uri) else str(Path(storage.local_path(uri)).parent)
     return parse_manifest(data, base_dir=base_dir, source=uri, root=root, registries=registries)
