@@ -14,17 +14,13 @@ import argparse
 import logging
 import sys
 
-from cdi_ray.exits import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_PARTIAL
+from cdi_ray.exits import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_PARTIAL, UserError
 
 log = logging.getLogger("cdi_ray")
 
 #: What Ctrl-C prints (the jobs print the JSON summary of cdi_ray.exits instead).
 INTERRUPTED_LINE = ("interrupted: the feature streams were stopped; the features already stored are kept — run the same "
                     "command again to compute only the rest")
-
-
-class UserError(Exception):
-    """An error in what the user asked for; printed without a traceback, exit code 2."""
 
 
 def _cmd_features(args: argparse.Namespace) -> int:

@@ -31,6 +31,11 @@ from typing import Callable, NoReturn
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
+
+class UserError(Exception):
+    """An error in what the user asked for; printed without a traceback, exit code 2 (``EXIT_INVALID``)."""
+
+
 #: Seconds from Ctrl-C to a forced exit when the clean stop has not ended the process by then.
 STOP_GRACE_S = 8.0
 

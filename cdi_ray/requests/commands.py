@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from cdi_ray.exits import UserError
+
 FAMILY_HELP = ("owner: Holm within each request — an owner's verdict never depends on other requests (default); "
                "batch: Benjamini–Hochberg at --q across every test of the file")
 
@@ -35,7 +37,6 @@ def run_requests_args(args: argparse.Namespace):
 
 
 def _cmd_requests(args: argparse.Namespace) -> int:
-    from cdi_ray.cli import UserError
     from cdi_ray.requests.intake import IntakeError
 
     try:
@@ -50,7 +51,6 @@ def _cmd_requests(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from cdi_ray.cli import UserError
     from cdi_ray.requests.verify import verify_request
 
     try:
