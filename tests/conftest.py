@@ -18,9 +18,8 @@
 
 A "session" is one pytest-xdist worker's: scripts/test.sh runs two with ``--dist loadfile``, so each
 test module runs whole on one worker (its module fixtures are built once; the longest modules go
-first, ``pytest_collection_modifyitems`` below), and the whole suite
-starts two session Rays, two S3 servers and one head (the ``ray job submit`` tests are one module,
-tests/test_job_submit.py). (``--dist loadgroup`` with ``xdist_group`` marks does not group under
+first, ``pytest_collection_modifyitems`` below), and the whole suite starts two session Rays, two
+S3 servers and one head (the ``ray job submit`` tests are one module, tests/test_job_submit.py). (``--dist loadgroup`` with ``xdist_group`` marks does not group under
 pytest 9 with pytest-xdist 3.8: the group suffix xdist writes into ``item._nodeid`` is no longer
 what ``item.nodeid`` returns, so every module was spread over both workers.)
 """

@@ -59,6 +59,13 @@ def manifest(models, data, out, pool: str = "auto") -> dict:
             "output": str(out), "fdr": {"method": "none"}}
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Streams in blocks of 2 rows, publishing every 2 rows, so that "mid-run" is observable."""
+    monkeypatch.setattr(streams_module, "WRITE_BATCH", 2)
+    monkeypatch.setattr(streams_module, "ROWS_PER_BLOCK", 2)
+
+
 def entries(results: dict) -> list[dict]:
     return results["audits"]
 
@@ -150,7 +157,7 @@ def _run_and_kill_an_actor(spec, out) -> tuple[object, bool]:
     job.start()
     pids = wait_for(lambda: (_part_files(out / "features") and feature_actor_pids()) or not job.is_alive(),
                     what="stored rows and a live feature actor")
-    mid_run = job.is_alive() and pids is not True and len(stored_rows(out / "features")) < ROWS
+    mid_run = job.is_alive() and len(stored_rows(out / "features")) < ROWS
     if mid_run:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -160,11 +167,9 @@ def _run_and_kill_an_actor(spec, out) -> tuple[object, bool]:
 
 
 def test_killed_feature_actor_job_completes_with_identical_results(ray_session, undisturbed, models, data, tmp_path,
-                                                                   monkeypatch):
+                                                                   small_blocks):
     from cdi_ray.spec import parse_manifest
 
-    monkeypatch.setattr(streams_module, "WRITE_BATCH", 2)
-    monkeypatch.setattr(streams_module, "ROWS_PER_BLOCK", 2)
     for attempt in range(3):  # on a loaded machine the tiny run can end before the poll sees an actor
         out = tmp_path / f"out{attempt}"
         spec = parse_manifest(manifest(models, data, out, pool="actors"))  # an actor to kill, at this small size too
@@ -178,7 +183,7 @@ def test_killed_feature_actor_job_completes_with_identical_results(ray_session, 
 
 
 # ---------------------------------------------------------------------------------------------- killed driver
-def test_killed_driver_rerun_resumes_from_the_store(ray_session, undisturbed, models, data, tmp_path):
+def test_killed_driver_rerun_resumes_from_the_store(ray_session, undisturbed, models, data, tmp_path, small_blocks):
     out = tmp_path / "out"
     man = tmp_path / "manifest.yaml"
     man.write_text(yaml.safe_dump(manifest(models, data, out)))
@@ -208,10 +213,7 @@ def test_killed_driver_rerun_resumes_from_the_store(ray_session, undisturbed, mo
     from cdi_ray.pipeline.run import run_manifest
     from cdi_ray.spec import load_manifest
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(streams_module, "WRITE_BATCH", 2)
-        mp.setattr(streams_module, "ROWS_PER_BLOCK", 2)
-        rerun = run_manifest(load_manifest(str(man)), max_concurrent_models=1)
+    rerun = run_manifest(load_manifest(str(man)), max_concurrent_models=1)  # small blocks, as the killed one
     assert rerun.exit_code == 0
     results = json.loads((out / "results.json").read_text())
     feats = results["run"]["features"]
