@@ -28,7 +28,8 @@ from scipy import stats as st
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cdi_ray.stats.sequential import SequentialDesign, spending, walk_boundary  # noqa: E402
+from cdi_ray.stats.boundary import walk_boundary  # noqa: E402
+from cdi_ray.stats.sequential import SequentialDesign, spending  # noqa: E402
 
 
 def schedule(alpha: float, nights: int, per_night: int, design: SequentialDesign) -> dict:

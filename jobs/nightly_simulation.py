@@ -40,8 +40,9 @@ from scipy import stats as st  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from cdi_ray.stats import run_test  # noqa: E402
+from cdi_ray.stats.boundary import walk_boundary  # noqa: E402
 from cdi_ray.stats.sequential import (SequentialDesign, SequentialState, increment_pvalue, next_look,  # noqa: E402
-                                      spending, walk_boundary)
+                                      spending)
 
 ROOT_SEED = {"report": 20_261, "tune": 90_210}
 K = 26

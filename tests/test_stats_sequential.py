@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
+from cdi_ray.stats import boundary
 from cdi_ray.stats import sequential as sq
-from cdi_ray.stats.sequential import SequentialDesign, SequentialState, increment_pvalue, next_look, walk_boundary
+from cdi_ray.stats.boundary import walk_boundary
+from cdi_ray.stats.sequential import SequentialDesign, SequentialState, increment_pvalue, next_look
 
 K = 4
 # cheap histories: +20 images per side per night, 4 features, few permutations (exact for any count)
@@ -136,10 +138,10 @@ def test_walk_boundary_grid_is_fine_enough(monkeypatch):
             bs.append(walk_boundary(info[: t + 1], bs, target * (t + 1) / len(info))[0])
         return np.array(bs)
     coarse = all_bounds()
-    monkeypatch.setattr(sq, "GRID_PER_SD", 2 * sq.GRID_PER_SD)
-    sq._walk_boundary.cache_clear()
+    monkeypatch.setattr(boundary, "GRID_PER_SD", 2 * boundary.GRID_PER_SD)
+    boundary._walk_boundary.cache_clear()
     fine = all_bounds()
-    sq._walk_boundary.cache_clear()
+    boundary._walk_boundary.cache_clear()
     np.testing.assert_allclose(coarse, fine, rtol=1e-6)
 
 

@@ -22,14 +22,15 @@ to get its bytes back without scanning the shard again: ``""`` (the whole object
 is the sha256 of its encoded bytes, whatever container it came in
 (:func:`cdi_ray.images.content_hash`).
 
-Modules, one job each: :mod:`.listing` (a source → its images or shards, as listing tables),
+Modules, one job each: :mod:`.records` (an image entry, a shard reference, the listing table),
+:mod:`.listing` (a source → its images or shards),
 :mod:`.sidecar` (metadata of loose files), :mod:`.shards` (indexing one shard, and its cached
 index), :mod:`.reading` (bytes back by locator). Ray-free; the pipeline runs these functions in
 Ray tasks (:mod:`cdi_ray.pipeline.listing`).
 """
-from cdi_ray.sources.listing import (LISTING_COLUMNS, LISTING_SCHEMA, ImageEntry, ShardRef, ShardSpec, entries_table,
-                                     expand_braces, expand_pattern, list_source, read_listing, shard_spec, source_id,
-                                     table_entries)
+from cdi_ray.sources.listing import expand_braces, expand_pattern, list_source, shard_spec, source_id
+from cdi_ray.sources.records import (LISTING_COLUMNS, LISTING_SCHEMA, ImageEntry, ShardRef, ShardSpec, entries_table,
+                                     read_listing, table_entries)
 from cdi_ray.sources.reading import PARQUET, TAR, container_of, open_seekable, open_stream, read_images, read_range
 from cdi_ray.sources.shards import (INDEX_FOLDER, INDEX_SCHEMA, ShardIndex, index_parquet, index_shard,
                                     index_shard_cached, index_table, index_tar, shard_cache_name)

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from cdi_ray import storage
 from cdi_ray.localfs import too_large_reason
-from cdi_ray.sources.listing import LISTING_SCHEMA, ImageEntry, ShardRef, ShardSpec, entries_table
+from cdi_ray.sources.records import LISTING_SCHEMA, ImageEntry, ShardRef, ShardSpec, entries_table
 from cdi_ray.sources.reading import PARQUET, TAR, _image_bytes, max_image_bytes, open_seekable, open_stream
 from cdi_ray.sources.sidecar import parse_captions, parse_label
 

@@ -8,7 +8,7 @@ import json
 
 from cdi_ray import storage
 from cdi_ray.redaction import shown
-from cdi_ray.sources.listing import ImageEntry
+from cdi_ray.sources.records import ImageEntry
 
 _NAME_KEYS = ("file", "name", "image", "path")
 

@@ -43,15 +43,17 @@ copied into reports) is refused. With an output root configured (``--output-root
 ``$CDI_RAY_OUTPUT_ROOT``), ``output`` and ``feature_store`` must lie under it. This package imports no Ray:
 
 * :mod:`.schema` — the pydantic models and their cross-field checks;
+* :mod:`.source_specs` — the image-source shapes and their checks;
 * :mod:`.messages` — validation errors as readable ``field: what — fix`` lines;
 * :mod:`.loading` — YAML/JSON from a path or ``s3://``, relative paths, the output root.
 """
 from cdi_ray.spec.loading import (OUTPUT_ROOT_ENV, check_registries, load_manifest, location_problems, output_root,
                                   parse_manifest)
 from cdi_ray.spec.messages import ManifestError
-from cdi_ray.spec.schema import (AUDIT_ID_PATTERN, MODEL_NAME_PATTERN, SHARD_SOURCES, Access, AuditSpec, ControlsSpec,
-                                 FdrSpec, ImageFolder, LabelsSpec, ListFile, Manifest, ModelSpec, ParquetShards, Preset,
-                                 Source, TestSpec, WebDatasetShards, json_schema, shard_source, source_uris)
+from cdi_ray.spec.schema import (AUDIT_ID_PATTERN, MODEL_NAME_PATTERN, Access, AuditSpec, ControlsSpec, FdrSpec,
+                                 LabelsSpec, Manifest, ModelSpec, Preset, TestSpec, json_schema)
+from cdi_ray.spec.source_specs import (SHARD_SOURCES, ImageFolder, ListFile, ParquetShards, Source, WebDatasetShards,
+                                       shard_source, source_uris)
 
 __all__ = ["Manifest", "ModelSpec", "AuditSpec", "TestSpec", "ControlsSpec", "LabelsSpec", "FdrSpec", "ListFile",
            "ImageFolder", "WebDatasetShards", "ParquetShards", "Source", "SHARD_SOURCES", "Access", "Preset",

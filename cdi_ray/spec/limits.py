@@ -18,6 +18,7 @@ This module imports no Ray.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterator
 
 from cdi_ray.redaction import carries_credentials
@@ -67,3 +68,26 @@ def value_problems(data: dict) -> list[str]:
             problems.append(f"{where}: a URL that carries credentials (user-info or a signed query) — "
                             f"{_NO_CREDENTIALS}")
     return list(dict.fromkeys(problems))
+
+
+#: Key names of free-form option maps that would smuggle a credential into results and reports.
+_CREDENTIAL_KEY = re.compile(r"^aws_|secret|password|passwd|credential|api_key|access_key|private_key|session_token|"
+                             r"auth_token|^token$", re.I)
+
+
+def check_no_credential_keys(options: dict, field: str) -> dict:
+    """Free-form options are copied into every report's provenance, so a secret there would leak."""
+    found = sorted(k for k in _walk_keys(options) if _CREDENTIAL_KEY.search(k))
+    if found:
+        raise ValueError(f"{field} has credential-like key(s) {found} — {_NO_CREDENTIALS}")
+    return options
+
+
+def _walk_keys(value: Any):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _walk_keys(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk_keys(v)

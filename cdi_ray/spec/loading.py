@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from cdi_ray.redaction import shorten, shown
 from cdi_ray.spec.messages import ManifestError, _problems
-from cdi_ray.spec.schema import DEFER_REGISTRIES, SHARD_SOURCES, ListFile, Manifest, WebDatasetShards
+from cdi_ray.spec.schema import DEFER_REGISTRIES, Manifest
+from cdi_ray.spec.source_specs import SHARD_SOURCES, ListFile, WebDatasetShards
 
 #: Largest manifest file read (bytes): a batch of 10,000 audits is ~3 MB of YAML.
 MAX_MANIFEST_BYTES = 32 << 20

@@ -3,19 +3,17 @@
 Validated once at load time (``extra="forbid"``, frozen) and trusted everywhere after; the
 cross-field checks (unknown models, duplicate ids, features a gray-box model cannot compute,
 procedure options) run here too, and every problem is one ``"field.path: what — fix"`` line.
-This module describes and validates image sources; listing and reading them is
-:mod:`cdi_ray.sources`. It imports no Ray.
+The image sources an audit names are described in :mod:`cdi_ray.spec.source_specs`. It imports no Ray.
 """
 from __future__ import annotations
 
 import hashlib
-import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from cdi_ray.redaction import shown
-from cdi_ray.spec.limits import _NO_CREDENTIALS, INT64_MAX, value_problems
+from cdi_ray.spec.limits import INT64_MAX, check_no_credential_keys, value_problems
+from cdi_ray.spec.source_specs import FrozenSpec, Source, check_source, check_uri
 
 Access = Literal["white-box", "gray-box"]
 Preset = Literal["white-box", "gray-box", "efficient"]
@@ -24,140 +22,14 @@ Preset = Literal["white-box", "gray-box", "efficient"]
 AUDIT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# image sources
-# ----------------------------------------------------------------------------------------------
-_METADATA = "sidecar JSONL or CSV: image name (file/name/path) → label and/or caption(s)"
-
-
-class ListFile(_Spec):
-    """A text file that lists image URIs, one per line."""
-
-    list_file: str = Field(min_length=1, description="URI of a text file with one image URI per line")
-    metadata: str | None = Field(None, min_length=1, description=_METADATA)
-
-
-class ImageFolder(_Spec):
-    """A folder / prefix of image files with a metadata sidecar."""
-
-    folder: str = Field(min_length=1, description="folder or s3:// prefix, listed recursively for image files")
-    metadata: str | None = Field(None, min_length=1, description=_METADATA)
-
-
-Pattern = Union[str, list[str]]
-
-
-class WebDatasetShards(_Spec):
-    """WebDataset tar shards: KEY.jpg/.png… beside KEY.cls (label), KEY.txt (captions), KEY.json."""
-
-    webdataset: Pattern = Field(description="shard URI, glob (shard-*.tar), brace range (shard-{000..099}.tar) or a list")
-
-
-class ParquetShards(_Spec):
-    """Parquet shards: an image-bytes column beside optional metadata columns."""
-
-    parquet: Pattern = Field(description="shard URI, glob, brace range or a list")
-    image_column: str = Field("image", min_length=1, description="binary column (or {bytes, path} struct) of encoded images")
-    label_column: str | None = Field(None, description="class label column (a class name or an index)")
-    caption_column: str | None = Field(None, description="caption column (a string or a list of strings)")
-    id_column: str | None = Field(None, description="column naming each image in reports (default: its row number)")
-
-
-Source = Annotated[
-    Union[str, list[str], ListFile, ImageFolder, WebDatasetShards, ParquetShards],
-    Field(description="a folder/prefix, a list of image URIs, {list_file}, {folder, metadata}, "
-                      "{webdataset: PATTERN} or {parquet: PATTERN, image_column, …}"),
-]
-SHARD_SOURCES = (WebDatasetShards, ParquetShards)
-
-
-def shard_source(source: Any) -> "WebDatasetShards | ParquetShards | None":
-    """The shard spec a source means (a string ending in .tar / .parquet is one), else None."""
-    if isinstance(source, SHARD_SOURCES):
-        return source
-    if isinstance(source, str) and source.rstrip("}").lower().endswith(".tar"):
-        return WebDatasetShards(webdataset=source)
-    if isinstance(source, str) and source.rstrip("}").lower().endswith(".parquet"):
-        return ParquetShards(parquet=source)
-    return None
-
-
-def source_uris(source: Any) -> list[str]:
-    """Every URI / pattern a source names (for checks and relative-path resolution)."""
-    if isinstance(source, str):
-        return [source]
-    if isinstance(source, list):
-        return list(source)
-    if isinstance(source, SHARD_SOURCES):
-        p = source.webdataset if isinstance(source, WebDatasetShards) else source.parquet
-        return [p] if isinstance(p, str) else list(p)
-    main = source.list_file if isinstance(source, ListFile) else source.folder
-    return [main] + ([source.metadata] if source.metadata else [])
-
-
-_SUPPORTED = ("s3://", "file://")
-
-
-def _check_uri(value: str) -> str:
-    """Local paths, ``file://`` and ``s3://`` only (other schemes fail here, not mid-run)."""
-    if "://" in value and not value.startswith(_SUPPORTED):
-        scheme = value.split("://", 1)[0]
-        raise ValueError(f"unsupported scheme '{scheme}://' in {shown(value)} — use a local path, file:// or s3://")
-    if value.startswith("s3://") and not value[5:].split("/", 1)[0]:
-        raise ValueError(f"{shown(value)} names no bucket — write s3://BUCKET/PREFIX")
-    if value.startswith("s3://") and "@" in value[5:].split("/", 1)[0]:
-        raise ValueError(f"an s3:// location carries credentials (user:secret@) — {_NO_CREDENTIALS}")
-    return value
-
-
-#: Key names of free-form option maps that would smuggle a credential into results and reports.
-_CREDENTIAL_KEY = re.compile(r"^aws_|secret|password|passwd|credential|api_key|access_key|private_key|session_token|"
-                             r"auth_token|^token$", re.I)
-
-
-def _check_no_credentials(options: dict, field: str) -> dict:
-    """Free-form options are copied into every report's provenance, so a secret there would leak."""
-    found = sorted(k for k in _walk_keys(options) if _CREDENTIAL_KEY.search(k))
-    if found:
-        raise ValueError(f"{field} has credential-like key(s) {found} — {_NO_CREDENTIALS}")
-    return options
-
-
-def _walk_keys(value: Any):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield str(k)
-            yield from _walk_keys(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _walk_keys(v)
-
-
-def _check_source(value: Any, field: str) -> Any:
-    if isinstance(value, str) and not value.strip():
-        raise ValueError(f"{field} must not be empty; give a folder/prefix, a list of URIs or {{list_file: URI}}")
-    if isinstance(value, list) and not value:
-        raise ValueError(f"{field} is an empty list; give at least one image URI")
-    if isinstance(value, list) and any((not isinstance(v, str)) or not v.strip() for v in value):
-        raise ValueError(f"{field} must list non-empty URI strings")
-    if isinstance(value, SHARD_SOURCES) and not source_uris(value):
-        raise ValueError(f"{field} names no shards; give a shard URI, pattern or a non-empty list")
-    for uri in source_uris(value):
-        if not uri.strip():
-            raise ValueError(f"{field} names an empty URI")
-        _check_uri(uri)
-    return value
+__all__ = ["Access", "Preset", "AUDIT_ID_PATTERN", "MODEL_NAME_PATTERN", "ModelSpec", "TestSpec", "ControlsSpec",
+           "LabelsSpec", "AuditSpec", "FdrSpec", "Manifest", "DEFER_REGISTRIES", "json_schema"]
 
 
 # ----------------------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------------------
-class ModelSpec(_Spec):
+class ModelSpec(FrozenSpec):
     """One diffusion model and how its feature actors are scheduled."""
 
     uri: str = Field(min_length=1, description="local folder or s3:// prefix of a diffusers pipeline")
@@ -181,12 +53,12 @@ class ModelSpec(_Spec):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v):
-        return _check_uri(v)
+        return check_uri(v)
 
     @field_validator("options")
     @classmethod
     def _options(cls, v):
-        return _check_no_credentials(v, "options")
+        return check_no_credential_keys(v, "options")
 
     @model_validator(mode="after")
     def _pool(self) -> "ModelSpec":
@@ -212,7 +84,7 @@ class ModelSpec(_Spec):
 # ----------------------------------------------------------------------------------------------
 # audits
 # ----------------------------------------------------------------------------------------------
-class TestSpec(_Spec):
+class TestSpec(FrozenSpec):
     """How one audit's P-vs-U test is run (see cdi_ray.stats.run_test)."""
 
     __test__ = False  # not a pytest class
@@ -225,10 +97,10 @@ class TestSpec(_Spec):
     @field_validator("options")
     @classmethod
     def _options(cls, v):
-        return _check_no_credentials(v, "options")
+        return check_no_credential_keys(v, "options")
 
 
-class ControlsSpec(_Spec):
+class ControlsSpec(FrozenSpec):
     """Distribution-shift guards run with every audit (docs/VERDICTS.md).
 
     On by default. Turn one off for the whole batch with ``controls: {model_free: false}`` at the
@@ -243,7 +115,7 @@ class ControlsSpec(_Spec):
     alpha: float = Field(0.05, gt=0, lt=1, description="level of the controls, per audit and uncorrected (firing more is the safe side)")
 
 
-class LabelsSpec(_Spec):
+class LabelsSpec(FrozenSpec):
     """How a class-conditional model gets each image's class (docs/PIPELINE.md, "Shard sources")."""
 
     map: dict[str, int] | str | None = Field(
@@ -256,10 +128,10 @@ class LabelsSpec(_Spec):
     @field_validator("map")
     @classmethod
     def _map(cls, v):
-        return _check_uri(v) if isinstance(v, str) else v
+        return check_uri(v) if isinstance(v, str) else v
 
 
-class AuditSpec(_Spec):
+class AuditSpec(FrozenSpec):
     """One collection audited against one model."""
 
     id: str = Field(pattern=AUDIT_ID_PATTERN, description="unique, path-safe audit id")
@@ -283,15 +155,15 @@ class AuditSpec(_Spec):
     @field_validator("published", "unpublished", mode="after")
     @classmethod
     def _sources(cls, v, info):
-        return _check_source(v, info.field_name)
+        return check_source(v, info.field_name)
 
     @field_validator("overrides")
     @classmethod
     def _overrides(cls, v):
-        return _check_no_credentials(v, "overrides")
+        return check_no_credential_keys(v, "overrides")
 
 
-class FdrSpec(_Spec):
+class FdrSpec(FrozenSpec):
     """False-discovery-rate control across the whole batch of audits."""
 
     method: Literal["bh", "by", "bonferroni", "none"] = Field(
@@ -305,7 +177,7 @@ class FdrSpec(_Spec):
 DEFER_REGISTRIES = "defer_registries"
 
 
-class Manifest(_Spec):
+class Manifest(FrozenSpec):
     """A batch of audits."""
 
     version: Literal[1] = 1
@@ -319,7 +191,7 @@ class Manifest(_Spec):
     @field_validator("output", "feature_store")
     @classmethod
     def _locations(cls, v):
-        return v if v is None else _check_uri(v)
+        return v if v is None else check_uri(v)
 
     @model_validator(mode="after")
     def _cross_references(self, info: ValidationInfo) -> "Manifest":
