@@ -75,7 +75,25 @@ def test_pipeline_sections(bench_job, tmp_path, ray_session):
     e2e = state["e2e"]["gray-box/local"]
     assert e2e["computed"] == args.e2e_images and e2e["done"] == 1
     assert e2e["cpu_s"]["actors"] > 0  # the feature actor's process was found and charged
+    # every process's seconds are attributed to a title, and the titles add up to the groups
+    by_title = e2e["cpu_by_title"]
+    assert any("FeatureActor" in r["title"] and r["group"] == "actors" for r in by_title)
+    for group, seconds in e2e["cpu_s"].items():
+        assert sum(r["cpu_s"] for r in by_title if r["group"] == group) == pytest.approx(seconds, abs=0.1)
     assert len(_measures(rows, "e2e")) == 3
     loads = [r for r in rows if r.section == "scaling" and "model loads" in r.measure]
     assert len(loads) == 1 and all(r.ok for r in loads)  # one load per actor, every image computed, audits done
     assert [c["collections"] for c in state["scaling"]] == [2]
+
+
+def test_ray_daemons_are_not_charged_to_the_pipeline(bench_job):
+    """The raylet's command line names default_worker.py (the command it starts workers with): it is
+    still a daemon, not a worker whose CPU counts against the pipeline."""
+    from jobs.bench.process_meters import ProcessCpu  # importable once the job put the root on the path
+
+    raylet = "/venv/ray/core/src/ray/raylet/raylet --raylet_socket_name=x --python_worker_command=python default_worker.py"
+    assert ProcessCpu.group(raylet) == "daemons"
+    assert ProcessCpu.group("/venv/ray/core/src/ray/gcs/gcs_server --log_dir=x") == "daemons"
+    assert ProcessCpu.group("ray::IDLE") == "tasks"
+    assert ProcessCpu.group("ray::MapWorker(MapBatches(decode_batch)->MapBatches(FeatureActor))") == "actors"
+    assert ProcessCpu.group("python /venv/ray/_private/workers/default_worker.py --node-ip-address=x") == "tasks"

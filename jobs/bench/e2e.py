@@ -39,7 +39,8 @@ def e2e_case(args) -> dict:
     with ProcessCpu(root=os.getppid()) as cpu:
         batch = run_manifest(manifest)
     wall = time.perf_counter() - t0
-    return {"seconds": wall, "cpu_s": cpu.seconds(), "computed": batch.run["features"]["computed"],
+    return {"seconds": wall, "cpu_s": cpu.seconds(), "cpu_by_title": cpu.by_title(),
+            "computed": batch.run["features"]["computed"],
             "done": batch.summary.get("done"), "timings": batch.run["timings"],
             "first_error": next((a["error"] for a in batch.audits if a["status"] != "done"), None)}
 

@@ -17,12 +17,16 @@ class ProcessCpu:
     """
 
     DAEMON_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    #: Ray's native daemons; the raylet's command line names ``default_worker.py`` (the command it
+    #: starts workers with), so it is recognised by its executable, not by that substring.
+    DAEMON_EXECUTABLES = ("raylet", "gcs_server")
 
     def __init__(self, root: int | None = None, interval: float = 0.25):
         import threading
 
         self.root, self.interval = root or os.getpid(), interval
         self._seen: dict[tuple[int, int], tuple[str, float]] = {}
+        self._titles: dict[tuple[int, int], str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -48,6 +52,8 @@ class ProcessCpu:
 
     @classmethod
     def group(cls, title: str) -> str:
+        if os.path.basename(title.split(" ", 1)[0]) in cls.DAEMON_EXECUTABLES:
+            return "daemons"
         if "benchmark.py" in title:
             return "driver"
         if "FeatureActor" in title:
@@ -89,6 +95,8 @@ class ProcessCpu:
             # an exiting process has an empty title, and a worker's role never goes back to idle
             group = old_group if old_group in self.SPECIFIC or not title.strip() else self.group(title)
             self._seen[key] = (group, max(cpu, old_cpu))
+            if title.strip():
+                self._titles[key] = title.split(" ", 1)[0] if title.startswith("ray::") else title[:80].strip()
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds per group spent since ``__enter__``."""
@@ -96,6 +104,17 @@ class ProcessCpu:
         for key, (group, cpu) in self._seen.items():
             out[group] += cpu - self._baseline.get(key, (group, 0.0))[1]
         return out
+
+    def by_title(self) -> list[dict]:
+        """Where each group's seconds went: ``{group, title, processes, cpu_s}`` per process title (a Ray
+        worker's last ``ray::…`` title), largest first — to attribute a change between two runs."""
+        out: dict[tuple[str, str], list] = {}
+        for key, (group, cpu) in self._seen.items():
+            row = out.setdefault((group, self._titles.get(key, "?")), [0, 0.0])
+            row[0] += 1
+            row[1] += cpu - self._baseline.get(key, (group, 0.0))[1]
+        rows = [{"group": g, "title": t, "processes": n, "cpu_s": round(c, 2)} for (g, t), (n, c) in out.items() if c > 0]
+        return sorted(rows, key=lambda r: -r["cpu_s"])
 
 
 class PeakRss:
