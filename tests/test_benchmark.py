@@ -97,3 +97,24 @@ def test_ray_daemons_are_not_charged_to_the_pipeline(bench_job):
     assert ProcessCpu.group("ray::IDLE") == "tasks"
     assert ProcessCpu.group("ray::MapWorker(MapBatches(decode_batch)->MapBatches(FeatureActor))") == "actors"
     assert ProcessCpu.group("python /venv/ray/_private/workers/default_worker.py --node-ip-address=x") == "tasks"
+
+
+def test_compare_divides_both_versions_by_the_same_pooled_floor(tmp_path, capsys):
+    """jobs/benchmark_compare.py: a version whose workers spend 10 % more on the same work shows +10 %,
+    and its ratio to the pooled floor is lower by exactly that factor, whatever each run's own floor."""
+    import json
+    import runpy
+
+    def run_file(name, floor, actors):
+        cpu = {"actors": actors, "tasks": 0.0, "aggregators": 0.0, "ray_data": 0.0, "daemons": 5.0, "driver": 9.0}
+        path = tmp_path / name
+        path.write_text(json.dumps({"raw": {"e2e": {"gray-box/local": {
+            "floor_cpu_s": floor, "cpu_s": cpu, "ratio": {"cpu": floor / actors}}}}}))
+        return str(path)
+
+    compare = runpy.run_path(str(ROOT / "jobs" / "benchmark_compare.py"))
+    compare["main"](["a=" + run_file("a.json", 90.0, 100.0), "b=" + run_file("b.json", 130.0, 110.0)])
+    out = capsys.readouterr().out
+    assert "mean +10.0%" in out
+    pooled = 110.0  # (90 + 130) / 2
+    assert f"{pooled / 100:.3f} |" in out and f"{pooled / 110:.3f} |" in out
