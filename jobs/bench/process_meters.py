@@ -27,6 +27,7 @@ class ProcessCpu:
         self.root, self.interval = root or os.getpid(), interval
         self._seen: dict[tuple[int, int], tuple[str, float]] = {}
         self._titles: dict[tuple[int, int], str] = {}
+        self._roles: dict[tuple[int, int], list[str]] = {}  # every ray::… title a worker had, in order
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -96,7 +97,10 @@ class ProcessCpu:
             group = old_group if old_group in self.SPECIFIC or not title.strip() else self.group(title)
             self._seen[key] = (group, max(cpu, old_cpu))
             if title.strip():
-                self._titles[key] = title.split(" ", 1)[0] if title.startswith("ray::") else title[:80].strip()
+                self._titles[key] = short = title.split(" ", 1)[0] if title.startswith("ray::") else title[:80].strip()
+                roles = self._roles.setdefault(key, [])
+                if short.startswith("ray::") and short != "ray::IDLE" and short not in roles:
+                    roles.append(short)
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds per group spent since ``__enter__``."""
@@ -106,14 +110,17 @@ class ProcessCpu:
         return out
 
     def by_title(self) -> list[dict]:
-        """Where each group's seconds went: ``{group, title, processes, cpu_s}`` per process title (a Ray
-        worker's last ``ray::…`` title), largest first — to attribute a change between two runs."""
+        """Where each group's seconds went: ``{group, title, processes, cpu_s, roles}`` per process title
+        (a Ray worker's last ``ray::…`` title; ``roles``: the tasks its processes were seen running, as
+        sampled), largest first — to attribute a change between two runs."""
         out: dict[tuple[str, str], list] = {}
         for key, (group, cpu) in self._seen.items():
-            row = out.setdefault((group, self._titles.get(key, "?")), [0, 0.0])
+            row = out.setdefault((group, self._titles.get(key, "?")), [0, 0.0, []])
             row[0] += 1
             row[1] += cpu - self._baseline.get(key, (group, 0.0))[1]
-        rows = [{"group": g, "title": t, "processes": n, "cpu_s": round(c, 2)} for (g, t), (n, c) in out.items() if c > 0]
+            row[2].append(self._roles.get(key, []))
+        rows = [{"group": g, "title": t, "processes": n, "cpu_s": round(c, 2), "roles": roles}
+                for (g, t), (n, c, roles) in out.items() if c > 0]
         return sorted(rows, key=lambda r: -r["cpu_s"])
 
 
